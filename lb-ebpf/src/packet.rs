@@ -1,0 +1,114 @@
+//! What the pipeline needs from a hook: packet bounds and header rewrites that keep every
+//! checksum right. XDP writes in place and updates checksums incrementally; TC goes through
+//! the kernel's helpers, which also handle CHECKSUM_PARTIAL skbs from local senders.
+use aya_ebpf::{
+    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    programs::{TcContext, XdpContext},
+};
+use lb_common::proto;
+
+use crate::{
+    csum,
+    parse::{ptr_at, Flow, IP_CSUM_OFF},
+};
+
+pub trait Packet: Sized {
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    /// Sets the IPv4 address at `off` (source or destination) to `new`, fixing the IPv4
+    /// header checksum and the TCP/UDP pseudo-header checksum.
+    fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()>;
+    /// Sets the TCP/UDP port at `off` to `new`, fixing the TCP/UDP checksum.
+    fn set_port(&mut self, flow: &Flow, off: usize, new: u16) -> Option<()>;
+}
+
+/// UDP checksum 0 means "none" and must stay 0; a computed 0 is sent as 0xffff.
+#[inline(always)]
+fn xdp_l4_update(flow: &Flow, p: *mut u16, update: impl FnOnce(u16) -> u16) {
+    // SAFETY: p comes from ptr_at, inside the packet.
+    unsafe {
+        let old = p.read_unaligned();
+        if flow.proto == proto::UDP && old == 0 {
+            return;
+        }
+        let mut new = update(old);
+        if flow.proto == proto::UDP && new == 0 {
+            new = 0xffff;
+        }
+        p.write_unaligned(new);
+    }
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        XdpContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        XdpContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()> {
+        let field = ptr_at::<u32, _>(self, off)?;
+        let ip_csum = ptr_at::<u16, _>(self, flow.l3 + IP_CSUM_OFF)?;
+        let l4_csum = ptr_at::<u16, _>(self, flow.l4_csum_off())?;
+        // SAFETY: all three pointers were bounds-checked by ptr_at.
+        let old = unsafe { field.read_unaligned() };
+        unsafe {
+            field.write_unaligned(new);
+            ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old, new));
+        }
+        xdp_l4_update(flow, l4_csum, |c| csum::replace4(c, old, new));
+        Some(())
+    }
+
+    #[inline(always)]
+    fn set_port(&mut self, flow: &Flow, off: usize, new: u16) -> Option<()> {
+        let field = ptr_at::<u16, _>(self, off)?;
+        let l4_csum = ptr_at::<u16, _>(self, flow.l4_csum_off())?;
+        // SAFETY: bounds-checked by ptr_at.
+        let old = unsafe { field.read_unaligned() };
+        unsafe { field.write_unaligned(new) };
+        xdp_l4_update(flow, l4_csum, |c| csum::replace2(c, old, new));
+        Some(())
+    }
+}
+
+#[inline(always)]
+fn tc_l4_flags(flow: &Flow) -> u64 {
+    if flow.proto == proto::UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn data(&self) -> usize {
+        TcContext::data(self)
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        TcContext::data_end(self)
+    }
+
+    #[inline(always)]
+    fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()> {
+        let old: u32 = self.load(off).ok()?;
+        let flags = tc_l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
+        self.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, flags).ok()?;
+        self.l3_csum_replace(flow.l3 + IP_CSUM_OFF, old as u64, new as u64, 4).ok()?;
+        self.store(off, &new, 0).ok()
+    }
+
+    #[inline(always)]
+    fn set_port(&mut self, flow: &Flow, off: usize, new: u16) -> Option<()> {
+        let old: u16 = self.load(off).ok()?;
+        let flags = tc_l4_flags(flow) | 2;
+        self.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, flags).ok()?;
+        self.store(off, &new, 0).ok()
+    }
+}

@@ -1,0 +1,235 @@
+//! Loading the programs, attaching them through pinned links, and removing all of it.
+//!
+//! Layout under `--bpffs-dir`:
+//! - `<MAP_NAME>`: every map of `lb_common::maps::ALL`, reused when already pinned, so a
+//!   restarted agent keeps the services, backends and connections of the one before;
+//! - `links/<hook>@<interface>`: one bpf_link per attachment. A restarted agent swaps its
+//!   program into the existing link atomically (`bpf_link_update`): no packet goes unhandled.
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::Map,
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::SchedClassifierLink,
+        xdp::XdpLink,
+        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::maps;
+
+use super::EBPF_OBJECT;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {program}: {source}")]
+    Program { program: &'static str, source: ProgramError },
+    #[error("attaching {hook} to {interface}: {source}")]
+    Attach { hook: &'static str, interface: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("pinning {path}: {source}")]
+    Pin { path: PathBuf, source: aya::pin::PinError },
+    #[error("map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+type Result<T, E = DataplaneError> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
+    move |source| DataplaneError::Io { path: path.to_owned(), source }
+}
+
+/// Where a program is attached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// XDP on an external interface: the node's traffic from the fabric.
+    XdpIngress,
+    /// TC ingress on a pod interface: traffic from a local pod.
+    TcIngress,
+    /// TC egress on any interface: after the kernel routed.
+    TcEgress,
+}
+
+impl Hook {
+    pub const fn program(self) -> &'static str {
+        match self {
+            Self::XdpIngress => "xlb_xdp_ingress",
+            Self::TcIngress => "xlb_tc_ingress",
+            Self::TcEgress => "xlb_tc_egress",
+        }
+    }
+
+    const fn pin_name(self) -> &'static str {
+        match self {
+            Self::XdpIngress => "xdp_ingress",
+            Self::TcIngress => "tc_ingress",
+            Self::TcEgress => "tc_egress",
+        }
+    }
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    links_dir: Option<PathBuf>,
+}
+
+fn loader<'a>(conntrack_size: u32) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(maps::CONNTRACK, conntrack_size)
+        .map_max_entries(maps::NAT, conntrack_size);
+    loader
+}
+
+impl Dataplane {
+    /// Loads the programs with every map pinned under `dir` (reusing pinned maps).
+    pub fn load_pinned(dir: &Path, conntrack_size: u32) -> Result<Self> {
+        let links_dir = dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
+        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
+        let mut loader = loader(conntrack_size);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader.load(EBPF_OBJECT)?;
+        let mut dp = Self { ebpf, links_dir: Some(links_dir) };
+        dp.load_programs()?;
+        Ok(dp)
+    }
+
+    /// Loads the programs with private maps: for BPF_PROG_TEST_RUN, nothing is attached.
+    pub fn load_unpinned(conntrack_size: u32) -> Result<Self> {
+        let ebpf = loader(conntrack_size).load(EBPF_OBJECT)?;
+        let mut dp = Self { ebpf, links_dir: None };
+        dp.load_programs()?;
+        Ok(dp)
+    }
+
+    fn load_programs(&mut self) -> Result<()> {
+        let xdp: &mut Xdp = self.program_mut(Hook::XdpIngress)?;
+        xdp.load().map_err(|source| DataplaneError::Program { program: Hook::XdpIngress.program(), source })?;
+        for hook in [Hook::TcIngress, Hook::TcEgress] {
+            let tc: &mut SchedClassifier = self.program_mut(hook)?;
+            tc.load().map_err(|source| DataplaneError::Program { program: hook.program(), source })?;
+        }
+        Ok(())
+    }
+
+    fn program_mut<'a, P>(&'a mut self, hook: Hook) -> Result<&'a mut P>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        let name = hook.program();
+        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
+            program: name,
+            source: ProgramError::NotLoaded,
+        })?;
+        program.try_into().map_err(|source| DataplaneError::Program { program: name, source })
+    }
+
+    /// The program of `hook`, e.g. for `TestRun`.
+    pub fn program(&self, hook: Hook) -> Option<&aya::programs::Program> {
+        self.ebpf.program(hook.program())
+    }
+
+    /// Takes a map out of the object (each map can be taken once).
+    pub fn take_map(&mut self, name: &'static str) -> Result<Map> {
+        self.ebpf.take_map(name).ok_or(DataplaneError::MissingMap(name))
+    }
+
+    /// Attaches `hook`'s program to `interface` through a pinned link. An existing pinned
+    /// link is updated in place (atomic replacement); a stale one (its interface is gone)
+    /// is replaced by a new attachment.
+    pub fn attach(&mut self, hook: Hook, interface: &str) -> Result<()> {
+        let links_dir = self.links_dir.clone().expect("attach needs a pinned dataplane");
+        let pin = links_dir.join(format!("{}@{interface}", hook.pin_name()));
+        let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+            hook: hook.program(),
+            interface: interface.to_string(),
+            source,
+        };
+        if let Ok(existing) = PinnedLink::from_pin(&pin) {
+            match self.replace_in_link(hook, FdLink::from(existing)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(%interface, hook = hook.program(), error = %e, "pinned link is stale, attaching anew");
+                    std::fs::remove_file(&pin).map_err(io_err(&pin))?;
+                }
+            }
+        }
+        let link: FdLink = match hook {
+            Hook::XdpIngress => {
+                let xdp: &mut Xdp = self.program_mut(hook)?;
+                let id = xdp.attach(interface, XdpMode::Default).map_err(|e| attach_err(e.into()))?;
+                let link = xdp.take_link(id).map_err(|e| attach_err(e.into()))?;
+                FdLink::try_from(link).map_err(|e| attach_err(e.into()))?
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let attach_type = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
+                let tc: &mut SchedClassifier = self.program_mut(hook)?;
+                let id = tc.attach(interface, attach_type).map_err(|e| attach_err(e.into()))?;
+                let link = tc.take_link(id).map_err(|e| attach_err(e.into()))?;
+                FdLink::try_from(link).map_err(|e| attach_err(e.into()))?
+            }
+        };
+        link.pin(&pin).map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
+        Ok(())
+    }
+
+    fn replace_in_link(&mut self, hook: Hook, link: FdLink) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        match hook {
+            Hook::XdpIngress => {
+                let xdp: &mut Xdp = self.program_mut(hook)?;
+                let id = xdp.attach_to_link(XdpLink::try_from(link)?)?;
+                // Dropping our handle leaves the pinned link attached.
+                drop(xdp.take_link(id)?);
+            }
+            Hook::TcIngress | Hook::TcEgress => {
+                let tc: &mut SchedClassifier = self.program_mut(hook)?;
+                let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                drop(tc.take_link(id)?);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Removes everything the agent made under `dir`: unpinning the links detaches the
+/// programs (the agent must be stopped), unpinning the maps frees them.
+pub fn cleanup(dir: &Path) -> Result<()> {
+    let links_dir = dir.join("links");
+    match std::fs::read_dir(&links_dir) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry.map_err(io_err(&links_dir))?.path();
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+            std::fs::remove_dir(&links_dir).map_err(io_err(&links_dir))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(&links_dir)(e)),
+    }
+    for name in maps::ALL {
+        let path = dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(dir)(e)),
+    }
+}

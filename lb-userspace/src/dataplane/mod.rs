@@ -1,0 +1,10 @@
+//! The kernel side as the agent sees it: the embedded object, loading and attaching it with
+//! pinned maps and links (`loader`), and writing desired state into the maps (`writer`).
+pub mod loader;
+pub mod writer;
+
+pub use loader::{cleanup, Dataplane, DataplaneError, Hook};
+pub use writer::{MapWriter, SyncReport};
+
+/// The compiled lb-ebpf object, built by build.rs through aya-build.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));

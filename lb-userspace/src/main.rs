@@ -1,0 +1,105 @@
+//! `xlb`: the node agent of the xlb load balancer.
+mod agent;
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "xlb", version, about = "eBPF/XDP load balancer for Kubernetes Services")]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent: load and attach the programs, program the maps, keep them in sync.
+    Agent(AgentArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// Directory of Kubernetes manifests (Service, EndpointSlice, Node), watched for changes.
+    #[arg(long, required_unless_present = "cleanup")]
+    manifests: Option<PathBuf>,
+    /// This node's name: endpoints with this nodeName are local.
+    #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
+    node_name: Option<String>,
+    /// Interfaces facing the network (XDP ingress, TC egress), comma-separated.
+    #[arg(long, value_delimiter = ',', required_unless_present = "cleanup")]
+    external_interfaces: Vec<String>,
+    /// Glob for pod interfaces (TC ingress and egress), matched again on every sync.
+    #[arg(long)]
+    pod_interfaces: Option<String>,
+    /// bpffs directory for the pinned maps and links.
+    #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+    bpffs_dir: PathBuf,
+    /// Entries of the conntrack and SNAT tables (LRU).
+    #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
+    conntrack_size: u32,
+    /// Full resync period, also catching address and interface changes.
+    #[arg(long, value_parser = humantime_secs, default_value = "30")]
+    sync_period: Duration,
+    /// Remove every program, link and pin under --bpffs-dir, then exit.
+    #[arg(long)]
+    cleanup: bool,
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(secs > 0.0) {
+        return Err(format!("{s:?} must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Agent(args) if args.cleanup => {
+            lb_userspace::dataplane::cleanup(&args.bpffs_dir)
+                .with_context(|| format!("cleaning up {}", args.bpffs_dir.display()))?;
+            tracing::info!(dir = %args.bpffs_dir.display(), "removed all programs, links and pins");
+            Ok(())
+        }
+        Command::Agent(args) => {
+            let pod_interfaces = args
+                .pod_interfaces
+                .as_deref()
+                .map(glob::Pattern::new)
+                .transpose()
+                .context("--pod-interfaces is not a valid glob")?;
+            agent::run(agent::Config {
+                manifests: args.manifests.expect("required by clap"),
+                node_name: args.node_name.expect("required by clap"),
+                external_interfaces: args.external_interfaces,
+                pod_interfaces,
+                bpffs_dir: args.bpffs_dir,
+                conntrack_size: args.conntrack_size,
+                sync_period: args.sync_period,
+            })
+        }
+    }
+}
