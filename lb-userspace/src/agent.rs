@@ -46,7 +46,14 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let (changed, changes) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Our own reads raise access and attribute events: only content changes count.
+        use notify::event::{EventKind, ModifyKind};
+        let relevant = event.is_ok_and(|e| match e.kind {
+            EventKind::Create(_) | EventKind::Remove(_) | EventKind::Any => true,
+            EventKind::Modify(kind) => !matches!(kind, ModifyKind::Metadata(_)),
+            EventKind::Access(_) | EventKind::Other => false,
+        });
+        if relevant {
             let _ = changed.send(());
         }
     })

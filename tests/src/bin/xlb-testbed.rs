@@ -1,0 +1,111 @@
+//! `xlb-testbed`: the namespace cluster from the command line, behind `cargo xtask testbed`
+//! and `cargo xtask demo`.
+use std::{net::SocketAddrV4, process::Command};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use xlb_tests::{netns, scenario, testbed};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the kiada cluster with agents on every node and leave it running.
+    Up,
+    /// Remove every testbed (any run): namespaces, processes, pins.
+    Down,
+    /// List the testbed namespaces and pins that exist.
+    Status,
+    /// Build the cluster, run the agents, send traffic, show who answered and the maps.
+    Demo {
+        /// Leave the cluster up afterwards (`cargo xtask testbed down` removes it).
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Up => {
+            let tb = scenario::up_with_agents()?;
+            describe(&tb);
+            tb.keep();
+            Ok(())
+        }
+        Cmd::Down => {
+            for removed in testbed::down_all() {
+                println!("removed {removed}");
+            }
+            Ok(())
+        }
+        Cmd::Status => {
+            let namespaces: Vec<_> = netns::list().into_iter().filter(|n| n.starts_with(testbed::PREFIX)).collect();
+            let pins = testbed::list_prefixed(std::path::Path::new("/sys/fs/bpf"));
+            if namespaces.is_empty() && pins.is_empty() {
+                println!("no testbed is up");
+            }
+            for ns in namespaces {
+                println!("netns {ns}");
+            }
+            for pin in pins {
+                println!("bpffs {}", pin.display());
+            }
+            Ok(())
+        }
+        Cmd::Demo { keep } => demo(keep),
+    }
+}
+
+fn describe(tb: &testbed::Testbed) {
+    println!("cluster {}: fabric {}, client {} ({})", tb.run, tb.fabric, tb.client, tb.client_ip);
+    for node in &tb.nodes {
+        println!("  {} {} in {}, pins {}", node.name, node.ip, node.ns, node.bpffs_dir.display());
+    }
+    for pod in &tb.pods {
+        println!("  pod {} {} on {} in {}", pod.name, pod.ip, tb.nodes[pod.node].name, pod.ns);
+    }
+    println!("  manifests {}", tb.manifests.display());
+}
+
+fn demo(keep: bool) -> anyhow::Result<()> {
+    println!("== bringing up the namespace cluster and an xlb agent on each node");
+    let tb = scenario::up_with_agents()?;
+    describe(&tb);
+    println!("\n== the kiada Service (seed Listing 11.3), from {}", tb.manifests.display());
+    for node in &tb.nodes {
+        for (_, _, _, node_port) in scenario::PORTS {
+            let target = SocketAddrV4::new(node.ip, node_port);
+            println!("\n-- 6 requests from the client to {} ({target})", node.name);
+            for reply in scenario::requests_from_client(&tb, target, 6)? {
+                match reply {
+                    Ok(r) => println!("   answered by {:8} on {}  (the pod saw client {})", r.pod, r.node, r.client),
+                    Err(e) => println!("   FAILED: {e:#}"),
+                }
+            }
+        }
+    }
+    for node in &tb.nodes {
+        println!("\n== BPF maps of {} (bpftool map dump pinned ...)", node.name);
+        for map in [lb_common::maps::SERVICES, lb_common::maps::BACKENDS, lb_common::maps::CONNTRACK] {
+            let path = node.bpffs_dir.join(map);
+            let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path).output().context("running bpftool")?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let lines: Vec<&str> = text.lines().collect();
+            println!("-- {map}: {} lines{}", lines.len(), if lines.len() > 40 { ", first 40" } else { "" });
+            for line in lines.iter().take(40) {
+                println!("   {line}");
+            }
+        }
+    }
+    if keep {
+        println!("\nleaving the cluster up; remove it with: cargo xtask testbed down");
+        tb.keep();
+    } else {
+        println!("\n== tearing down");
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! The network-namespace cluster: a fabric bridge, nodes, pods and an external client.
+//!
+//! ```text
+//!   client (198.18.0.100) ──┐
+//!   node-a eth0 (198.18.0.1) ─┼── br0 in the fabric namespace
+//!   node-b eth0 (198.18.0.2) ─┘
+//!   node-a pods: 198.18.1.10.. via pod0.. (gateway 198.18.1.1), node-b: 198.18.2.10..
+//! ```
+//! Every namespace is named `xlb-<run>-<role>`, so runs side by side never collide, and the
+//! `Testbed` guard tears everything down on drop, panics included: processes it started,
+//! bpffs directories of the agents, namespaces.
+use std::{
+    fs,
+    io::{BufRead as _, BufReader},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use lb_common::service::{ServiceKey, ServiceValue};
+
+use crate::{bin_path, netns};
+
+/// Prefix of every namespace and bpffs directory the testbed creates.
+pub const PREFIX: &str = "xlb-";
+const BPFFS: &str = "/sys/fs/bpf";
+const FABRIC_PREFIX: u8 = 24;
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
+
+/// Where pods go: (pod name, node index).
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub nodes: usize,
+    pub pods: Vec<(String, usize)>,
+    /// Ports the pods' kiada servers listen on.
+    pub tcp_ports: Vec<u16>,
+    pub udp_ports: Vec<u16>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// The Kubernetes node name, `node-a`, `node-b`...
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub bpffs_dir: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub name: String,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+}
+
+pub struct Testbed {
+    pub run: String,
+    pub fabric: String,
+    pub client: String,
+    pub client_ip: Ipv4Addr,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+    /// Manifests directory shared by the agents of all nodes (one cluster, one API).
+    pub manifests: PathBuf,
+    namespaces: Vec<String>,
+    servers: Vec<Child>,
+    agents: Vec<Option<Child>>,
+    keep: bool,
+}
+
+fn node_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, 1 + i as u8)
+}
+fn pod_gateway(node: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 1 + node as u8, 1)
+}
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    format!("{:06x}", (std::process::id() ^ nanos) & 0xff_ffff)
+}
+
+impl Testbed {
+    /// Builds the cluster of `spec` and starts a kiada server in every pod.
+    pub fn up(spec: &Spec) -> anyhow::Result<Self> {
+        let run = run_id();
+        let name = |role: &str| format!("{PREFIX}{run}-{role}");
+        let manifests = std::env::temp_dir().join(format!("{PREFIX}{run}-manifests"));
+        fs::create_dir_all(&manifests)?;
+        let mut tb = Testbed {
+            fabric: name("fabric"),
+            client: name("client"),
+            client_ip: CLIENT_IP,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+            manifests,
+            namespaces: Vec::new(),
+            servers: Vec::new(),
+            agents: Vec::new(),
+            keep: false,
+            run: run.clone(),
+        };
+        // From here on, a failure drops `tb`, which removes what was made so far.
+        tb.add_ns(&tb.fabric.clone())?;
+        netns::ip(&["-n", &tb.fabric, "link", "add", "br0", "type", "bridge"])?;
+        netns::ip(&["-n", &tb.fabric, "link", "set", "br0", "up"])?;
+
+        let client = tb.client.clone();
+        tb.add_ns(&client)?;
+        tb.plug_into_fabric(&client, "client", CLIENT_IP)?;
+
+        for i in 0..spec.nodes {
+            let letter = (b'a' + i as u8) as char;
+            let node = Node {
+                name: format!("node-{letter}"),
+                ns: name(&format!("node-{letter}")),
+                ip: node_ip(i),
+                bpffs_dir: Path::new(BPFFS).join(name(&format!("node-{letter}"))),
+            };
+            tb.add_ns(&node.ns)?;
+            tb.plug_into_fabric(&node.ns, &format!("node-{letter}"), node.ip)?;
+            for (key, value) in [
+                ("net.ipv4.ip_forward", "1"),
+                // XDP DNATs some connections back out of the interface they came in on:
+                // routing, not a redirect the client should learn.
+                ("net.ipv4.conf.all.send_redirects", "0"),
+                ("net.ipv4.conf.eth0.send_redirects", "0"),
+            ] {
+                netns::run(&node.ns, "sysctl", &["-qw", &format!("{key}={value}")])?;
+            }
+            tb.nodes.push(node);
+        }
+        for i in 0..spec.nodes {
+            for j in (0..spec.nodes).filter(|j| *j != i) {
+                let subnet = format!("198.18.{}.0/24", 1 + j);
+                netns::ip(&["-n", &tb.nodes[i].ns, "route", "add", &subnet, "via", &node_ip(j).to_string()])?;
+            }
+        }
+        for (pod_name, node) in &spec.pods {
+            tb.add_pod(pod_name, *node)?;
+        }
+        for pod in tb.pods.clone() {
+            tb.start_server(&pod, spec)?;
+        }
+        Ok(tb)
+    }
+
+    fn add_ns(&mut self, ns: &str) -> anyhow::Result<()> {
+        netns::ip(&["netns", "add", ns])?;
+        self.namespaces.push(ns.to_string());
+        netns::ip(&["-n", ns, "link", "set", "lo", "up"])
+    }
+
+    /// Joins `ns` to the fabric bridge with `eth0` at `ip`/24.
+    fn plug_into_fabric(&self, ns: &str, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
+        netns::ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &self.fabric])?;
+        netns::ip(&["-n", &self.fabric, "link", "set", port, "master", "br0", "up"])?;
+        netns::ip(&["-n", ns, "addr", "add", &format!("{ip}/{FABRIC_PREFIX}"), "dev", "eth0"])?;
+        netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+        full_checksums(ns, "eth0")
+    }
+
+    fn add_pod(&mut self, pod_name: &str, node: usize) -> anyhow::Result<()> {
+        let index = self.pods.iter().filter(|p| p.node == node).count();
+        let pod = Pod {
+            name: pod_name.to_string(),
+            ns: format!("{PREFIX}{}-{pod_name}", self.run),
+            ip: Ipv4Addr::new(198, 18, 1 + node as u8, 10 + index as u8),
+            node,
+        };
+        let node_ns = self.nodes[node].ns.clone();
+        let gateway = pod_gateway(node).to_string();
+        let veth = format!("pod{index}");
+        self.add_ns(&pod.ns)?;
+        netns::ip(&["-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.ns])?;
+        // Routed pod network: the node answers as the gateway on every pod veth, and a /32
+        // route per pod points at its veth.
+        netns::ip(&["-n", &node_ns, "addr", "add", &format!("{gateway}/32"), "dev", &veth])?;
+        netns::ip(&["-n", &node_ns, "link", "set", &veth, "up"])?;
+        netns::ip(&["-n", &node_ns, "route", "add", &format!("{}/32", pod.ip), "dev", &veth, "src", &gateway])?;
+        netns::ip(&["-n", &pod.ns, "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
+        netns::ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
+        netns::ip(&["-n", &pod.ns, "route", "add", &gateway, "dev", "eth0"])?;
+        netns::ip(&["-n", &pod.ns, "route", "add", "default", "via", &gateway])?;
+        full_checksums(&pod.ns, "eth0")?;
+        full_checksums(&node_ns, &veth)?;
+        self.pods.push(pod);
+        Ok(())
+    }
+
+    fn start_server(&mut self, pod: &Pod, spec: &Spec) -> anyhow::Result<()> {
+        let join = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+        let mut cmd = netns::command(&pod.ns, &bin_path("kiada").to_string_lossy());
+        cmd.args(["--pod", &pod.name, "--node", &self.nodes[pod.node].name])
+            .args(["--tcp", &join(&spec.tcp_ports), "--udp", &join(&spec.udp_ports)])
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().with_context(|| format!("starting kiada in {}", pod.ns))?;
+        let stdout = child.stdout.take().expect("piped");
+        self.servers.push(child);
+        let mut line = String::new();
+        // Blocks until the server listens (or exits): an event, not a timed wait.
+        BufReader::new(stdout).read_line(&mut line)?;
+        if line.trim() != "ready" {
+            bail!("kiada in {} did not start", pod.ns);
+        }
+        Ok(())
+    }
+
+    /// Writes a manifest file into the shared manifests directory.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> anyhow::Result<()> {
+        // Write then rename, so an agent never reads half a file.
+        let tmp = self.manifests.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.manifests.join(file))?;
+        Ok(())
+    }
+
+    /// Starts `xlb agent` in node `i`'s namespace, attached to its `eth0` and pod veths.
+    pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = &self.nodes[i];
+        let mut cmd = netns::command(&node.ns, &bin_path("xlb").to_string_lossy());
+        cmd.arg("agent")
+            .arg("--manifests")
+            .arg(&self.manifests)
+            .args(["--node-name", &node.name, "--external-interfaces", "eth0", "--pod-interfaces", "pod*"])
+            .arg("--bpffs-dir")
+            .arg(&node.bpffs_dir)
+            .stdout(Stdio::null());
+        if std::env::var_os("XLB_AGENT_LOGS").is_none() {
+            cmd.stderr(Stdio::null());
+        }
+        let child = cmd.spawn().with_context(|| format!("starting xlb agent in {}", node.ns))?;
+        self.agents.resize_with(self.nodes.len(), || None);
+        self.agents[i] = Some(child);
+        Ok(())
+    }
+
+    /// Waits until node `i`'s agent has programmed every frontend in `keys`, or fails after
+    /// `timeout` (the agent exited or never got there).
+    pub fn wait_programmed(&mut self, i: usize, keys: &[ServiceKey], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let path = self.nodes[i].bpffs_dir.join(lb_common::maps::SERVICES);
+        loop {
+            if let Some(Some(agent)) = self.agents.get_mut(i) {
+                if let Some(status) = agent.try_wait()? {
+                    bail!("agent of {} exited: {status}", self.nodes[i].name);
+                }
+            }
+            if let Ok(map) = services_map(&path) {
+                if keys.iter().all(|k| map.get(k, 0).is_ok()) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not program {keys:?} within {timeout:?}", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops node `i`'s agent (SIGTERM, then wait). Its programs stay attached.
+    pub fn stop_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(Some(mut agent)) = self.agents.get_mut(i).map(Option::take) {
+            // SAFETY: signalling a child we own.
+            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+            agent.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Runs `xlb agent --cleanup` for node `i`: detaches and unpins everything it made.
+    pub fn cleanup_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        self.stop_agent(i)?;
+        let status = Command::new(bin_path("xlb"))
+            .args(["agent", "--cleanup", "--bpffs-dir"])
+            .arg(&self.nodes[i].bpffs_dir)
+            .stderr(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("xlb agent --cleanup failed for {}", self.nodes[i].name);
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster running after this guard is dropped (`testbed up`, `demo --keep`).
+    pub fn keep(mut self) {
+        self.keep = true;
+    }
+}
+
+/// Frames leave veths with complete checksums, as a NIC delivers them: XDP cannot see a
+/// partial (offloaded) checksum and would update it wrongly.
+fn full_checksums(ns: &str, dev: &str) -> anyhow::Result<()> {
+    netns::run(ns, "ethtool", &["-K", dev, "tx", "off"]).map(drop)
+}
+
+/// The pinned service map of an agent.
+pub fn services_map(path: &Path) -> anyhow::Result<aya::maps::HashMap<aya::maps::MapData, ServiceKey, ServiceValue>> {
+    let map = aya::maps::MapData::from_pin(path)?;
+    Ok(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?)
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        for child in self.agents.iter_mut().flatten().chain(self.servers.iter_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for node in &self.nodes {
+            let _ = lb_userspace::dataplane::cleanup(&node.bpffs_dir);
+        }
+        for ns in self.namespaces.iter().rev() {
+            let _ = netns::ip(&["netns", "del", ns]);
+        }
+        let _ = fs::remove_dir_all(&self.manifests);
+    }
+}
+
+/// Removes every testbed of any run: processes in `xlb-*` namespaces, the namespaces, the
+/// agents' bpffs directories and the manifest directories. Returns what it removed.
+pub fn down_all() -> Vec<String> {
+    let mut removed = Vec::new();
+    for ns in netns::list().into_iter().filter(|n| n.starts_with(PREFIX)) {
+        if let Ok(out) = Command::new("ip").args(["netns", "pids", &ns]).output() {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: killing a process that lives in a namespace of ours.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+        let _ = netns::ip(&["netns", "del", &ns]);
+        removed.push(format!("netns {ns}"));
+    }
+    for dir in list_prefixed(Path::new(BPFFS)) {
+        let _ = lb_userspace::dataplane::cleanup(&dir);
+        removed.push(format!("bpffs {}", dir.display()));
+    }
+    for dir in list_prefixed(&std::env::temp_dir()) {
+        let _ = fs::remove_dir_all(&dir);
+        removed.push(format!("dir {}", dir.display()));
+    }
+    removed
+}
+
+/// `xlb-*` entries of `dir`.
+pub fn list_prefixed(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(PREFIX))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default()
+}
