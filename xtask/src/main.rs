@@ -1,1 +1,113 @@
-fn main(){}
+//! `cargo xtask`: set-up, build, the namespace testbed, the demo and the test suite.
+//!
+//! Every command first checks the machine and installs what is missing (idempotent, each
+//! step printed), so a fresh machine needs nothing but `cargo xtask demo` or `cargo xtask test`.
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker, Debian packages, bpffs.
+    Setup,
+    /// Build the agent (`xlb`, with the eBPF programs) and the test tools, release mode.
+    Build,
+    /// Bring the namespace cluster up or down, or show what exists.
+    Testbed {
+        #[command(subcommand)]
+        action: TestbedAction,
+    },
+    /// Run the kiada NodePort demo on the namespace cluster, then tear it down.
+    Demo {
+        /// Leave the cluster up (remove it with `cargo xtask testbed down`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run every test: unit, eBPF packet fixtures, namespace integration tests.
+    Test,
+}
+
+#[derive(Subcommand)]
+enum TestbedAction {
+    /// Build the kiada cluster with an agent on every node and leave it running.
+    Up,
+    /// Remove every testbed: namespaces, processes, pins.
+    Down,
+    /// List testbed namespaces and pins.
+    Status,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Build => {
+            setup::ensure()?;
+            build(&root)
+        }
+        Cmd::Testbed { action } => {
+            setup::ensure()?;
+            build(&root)?;
+            let arg = match action {
+                TestbedAction::Up => "up",
+                TestbedAction::Down => "down",
+                TestbedAction::Status => "status",
+            };
+            testbed(&root, &[arg])
+        }
+        Cmd::Demo { keep } => {
+            setup::ensure()?;
+            build(&root)?;
+            testbed(&root, if keep { &["demo", "--keep"] } else { &["demo"] })
+        }
+        Cmd::Test => {
+            setup::ensure()?;
+            build(&root)?;
+            step("running every test (unit, packet fixtures, namespace integration)");
+            cargo(&root, &["test", "--release", "--locked"])
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+}
+
+pub fn step(what: &str) {
+    println!("[xtask] {what}");
+}
+
+/// Runs `cmd`, failing with its rendering when it does not succeed.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(env!("CARGO")).current_dir(root).args(args))
+}
+
+fn build(root: &Path) -> anyhow::Result<()> {
+    step("building xlb (with the eBPF programs), kiada and xlb-testbed (release)");
+    cargo(root, &["build", "--release", "--locked", "-p", "lb-userspace", "-p", "xlb-tests"])
+}
+
+fn testbed(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new(root.join("target/release/xlb-testbed")).args(args))
+}
