@@ -90,14 +90,16 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
     for node in &tb.nodes {
         println!("\n== BPF maps of {} (bpftool map dump pinned ...)", node.name);
-        for map in [lb_common::maps::SERVICES, lb_common::maps::BACKENDS, lb_common::maps::CONNTRACK] {
+        for map in [lb_common::maps::SERVICES, lb_common::maps::BACKENDS, lb_common::maps::CONNTRACK, lb_common::maps::NAT] {
             let path = node.bpffs_dir.join(map);
-            let out = Command::new("bpftool").args(["map", "dump", "pinned"]).arg(&path).output().context("running bpftool")?;
-            let text = String::from_utf8_lossy(&out.stdout);
-            let lines: Vec<&str> = text.lines().collect();
-            println!("-- {map}: {} lines{}", lines.len(), if lines.len() > 40 { ", first 40" } else { "" });
-            for line in lines.iter().take(40) {
-                println!("   {line}");
+            let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().context("running bpftool")?;
+            let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            println!("-- bpftool map dump pinned {} ({} entries{})", path.display(), entries.len(), if entries.len() > 12 { ", first 12" } else { "" });
+            for entry in entries.iter().take(12) {
+                // `formatted` is the BTF-decoded entry, with field names.
+                let decoded = entry.get("formatted").unwrap_or(entry);
+                let field = |f: &str| decoded.get(f).map(|v| v.to_string()).unwrap_or_default();
+                println!("   {} => {}", field("key"), field("value"));
             }
         }
     }
