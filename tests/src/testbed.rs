@@ -227,14 +227,17 @@ impl Testbed {
             .args(["--node-name", &node.name, "--external-interfaces", "eth0", "--pod-interfaces", "pod*"])
             .arg("--bpffs-dir")
             .arg(&node.bpffs_dir)
-            .stdout(Stdio::null());
-        if std::env::var_os("XLB_AGENT_LOGS").is_none() {
-            cmd.stderr(Stdio::null());
-        }
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(self.agent_log(i))?);
         let child = cmd.spawn().with_context(|| format!("starting xlb agent in {}", node.ns))?;
         self.agents.resize_with(self.nodes.len(), || None);
         self.agents[i] = Some(child);
         Ok(())
+    }
+
+    /// Where node `i`'s agent writes its log (printed when a test panics).
+    pub fn agent_log(&self, i: usize) -> PathBuf {
+        self.manifests.with_file_name(format!("{PREFIX}{}-agent-{}.log", self.run, self.nodes[i].name))
     }
 
     /// Waits until node `i`'s agent has programmed every frontend in `keys`, or fails after
@@ -311,8 +314,16 @@ impl Drop for Testbed {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for node in &self.nodes {
+        for (i, node) in self.nodes.iter().enumerate() {
             let _ = lb_userspace::dataplane::cleanup(&node.bpffs_dir);
+            let log = self.agent_log(i);
+            if std::thread::panicking() {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                eprintln!("--- last lines of the agent log of {}:", node.name);
+                tail.iter().rev().for_each(|l| eprintln!("{l}"));
+            }
+            let _ = fs::remove_file(log);
         }
         for ns in self.namespaces.iter().rev() {
             let _ = netns::ip(&["netns", "del", ns]);
