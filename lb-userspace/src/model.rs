@@ -391,3 +391,307 @@ pub fn object_key(object: &Object) -> Option<ObjectKey> {
         Object::Node(_) => ObjectKey::Node(id.name),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifests::parse_str;
+
+    /// The one object of a YAML document.
+    fn object(yaml: &str) -> Object {
+        let mut parsed = parse_str(yaml).unwrap();
+        assert_eq!(parsed.errors, vec![]);
+        assert_eq!(parsed.objects.len(), 1, "{yaml}");
+        parsed.objects.remove(0)
+    }
+
+    /// A Service named `name` in `default` with the given flow-style spec.
+    fn svc(name: &str, spec: &str) -> Object {
+        object(&format!("kind: Service\nmetadata: {{name: {name}}}\nspec: {spec}\n"))
+    }
+
+    fn service_record(obj: &Object) -> Result<Option<ServiceRecord>, InvalidField> {
+        let Object::Service(s) = obj else { panic!("not a Service") };
+        ServiceRecord::from_object(s)
+    }
+
+    fn slice(body: &str) -> Object {
+        object(&format!("kind: EndpointSlice\n{body}"))
+    }
+
+    fn slice_record(obj: &Object) -> Result<Option<SliceRecord>, InvalidField> {
+        let Object::EndpointSlice(s) = obj else { panic!("not an EndpointSlice") };
+        SliceRecord::from_object(s)
+    }
+
+    fn node_record(yaml: &str) -> Result<NodeRecord, InvalidField> {
+        let Object::Node(n) = object(yaml) else { panic!("not a Node") };
+        NodeRecord::from_object(&n)
+    }
+
+    fn field_err<T: fmt::Debug>(r: Result<T, InvalidField>) -> String {
+        r.expect_err("expected a validation error").field
+    }
+
+    fn nn(namespace: &str, name: &str) -> NamespacedName {
+        NamespacedName { namespace: namespace.into(), name: name.into() }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn service_becomes_record_with_default_protocol_and_name() {
+        let obj = svc("web", "{type: NodePort, clusterIP: 10.96.0.10, ports: [{name: http, port: 80, nodePort: 30080}, {port: 53, protocol: UDP}]}");
+        assert_eq!(
+            service_record(&obj).unwrap(),
+            Some(ServiceRecord {
+                id: nn("default", "web"),
+                cluster_ip: ip("10.96.0.10"),
+                ports: vec![
+                    ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) },
+                    ServicePort { name: "".into(), protocol: Protocol::Udp, port: 53, node_port: None },
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn node_port_is_ignored_unless_type_is_node_port_or_load_balancer() {
+        let ports = "ports: [{port: 80, nodePort: 30080}]";
+        let node_port = |ty: &str| service_record(&svc("web", &format!("{{type: {ty}, clusterIP: 10.96.0.10, {ports}}}"))).unwrap().unwrap().ports[0].node_port;
+        assert_eq!(node_port("ClusterIP"), None);
+        assert_eq!(node_port("NodePort"), Some(30080));
+        assert_eq!(node_port("LoadBalancer"), Some(30080));
+        // A nodePort that does not count is not validated either.
+        let ignored = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, nodePort: 0}]}");
+        assert_eq!(service_record(&ignored).unwrap().unwrap().ports[0].node_port, None);
+    }
+
+    #[test]
+    fn invalid_cluster_ip_is_rejected_with_field_spec_cluster_ip() {
+        let err = service_record(&svc("web", "{clusterIP: 10.0.0.300, ports: [{port: 80}]}")).unwrap_err();
+        assert_eq!(err, InvalidField { field: "spec.clusterIP".into(), reason: "\"10.0.0.300\" is not an IPv4 address".into() });
+        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: kiada, ports: [{port: 80}]}"))), "spec.clusterIP");
+    }
+
+    #[test]
+    fn port_zero_or_above_65535_is_rejected_with_its_index() {
+        let err = service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}, {port: 0}]}")).unwrap_err();
+        assert_eq!(err, InvalidField { field: "spec.ports[1].port".into(), reason: "0 is not a port (1-65535)".into() });
+        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 70000}]}"))), "spec.ports[0].port");
+        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: -1}]}"))), "spec.ports[0].port");
+        let max = service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 65535}]}")).unwrap().unwrap();
+        assert_eq!(max.ports[0].port, 65535);
+    }
+
+    #[test]
+    fn invalid_node_port_is_rejected_with_field_node_port() {
+        for bad in [0, 70000, -5] {
+            let obj = svc("web", &format!("{{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}, {{port: 81, nodePort: {bad}}}]}}"));
+            assert_eq!(
+                service_record(&obj).unwrap_err(),
+                InvalidField { field: "spec.ports[1].nodePort".into(), reason: format!("{bad} is not a port (1-65535)") }
+            );
+        }
+    }
+
+    #[test]
+    fn unsupported_protocol_is_rejected_with_field_protocol() {
+        let obj = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: SCTP}]}");
+        assert_eq!(
+            service_record(&obj).unwrap_err(),
+            InvalidField { field: "spec.ports[0].protocol".into(), reason: "protocol \"SCTP\" is not supported (TCP, UDP)".into() }
+        );
+    }
+
+    #[test]
+    fn service_without_name_or_spec_is_rejected() {
+        let unnamed = object("kind: Service\nspec: {clusterIP: 10.96.0.10}\n");
+        assert_eq!(field_err(service_record(&unnamed)), "metadata.name");
+        assert_eq!(field_err(service_record(&object("kind: Service\nmetadata: {name: web}\n"))), "spec");
+    }
+
+    #[test]
+    fn headless_external_name_and_other_proxy_services_are_skipped() {
+        let headless = svc("headless", "{clusterIP: None, ports: [{port: 80}]}");
+        let no_ip = svc("no-ip", "{ports: [{port: 80}]}");
+        let external = svc("ext", "{type: ExternalName, externalName: example.com, clusterIP: 10.0.0.300}");
+        let other_proxy = object(
+            "kind: Service\nmetadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: cilium}}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n",
+        );
+        let mut store = Store::default();
+        for obj in [&headless, &no_ip, &external, &other_proxy] {
+            assert_eq!(service_record(obj).unwrap(), None, "{}", obj.describe());
+            store.apply(obj, "test").unwrap();
+        }
+        assert_eq!(store.services().count(), 0);
+    }
+
+    #[test]
+    fn skipped_version_replaces_a_programmed_service() {
+        let mut store = Store::default();
+        store.apply(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}]}"), "a").unwrap();
+        assert_eq!(store.services().count(), 1);
+        store.apply(&svc("web", "{clusterIP: None, ports: [{port: 80}]}"), "a").unwrap();
+        assert_eq!(store.services().count(), 0);
+    }
+
+    const SLICE_META: &str = "metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n";
+
+    #[test]
+    fn slice_becomes_record_of_its_service_with_condition_defaults() {
+        let obj = slice(&format!(
+            "{SLICE_META}addressType: IPv4
+ports: [{{name: http, port: 8080}}, {{name: dns, port: 53, protocol: UDP}}, {{name: all}}]
+endpoints:
+- addresses: [10.244.1.1]
+  nodeName: node-a
+- addresses: [10.244.1.2]
+  conditions: {{}}
+- addresses: [10.244.1.3]
+  conditions: {{ready: false, serving: true, terminating: true}}
+- addresses: [10.244.1.4]
+  conditions: {{ready: false}}
+"
+        ));
+        let ep = |addr: &str, node: Option<&str>, ready, serving, terminating| Endpoint {
+            addr: ip(addr),
+            node_name: node.map(str::to_string),
+            ready,
+            serving,
+            terminating,
+        };
+        assert_eq!(
+            slice_record(&obj).unwrap(),
+            Some(SliceRecord {
+                id: nn("shop", "web-1"),
+                service: nn("shop", "web"),
+                ports: vec![
+                    SlicePort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 },
+                    SlicePort { name: "dns".into(), protocol: Protocol::Udp, port: 53 },
+                ],
+                endpoints: vec![
+                    ep("10.244.1.1", Some("node-a"), true, true, false),
+                    ep("10.244.1.2", None, true, true, false),
+                    ep("10.244.1.3", None, false, true, true),
+                    ep("10.244.1.4", None, false, true, false),
+                ],
+            })
+        );
+    }
+
+    #[test]
+    fn ipv6_and_headless_slices_are_skipped() {
+        let ipv6 = slice(&format!("{SLICE_META}addressType: IPv6\nendpoints: [{{addresses: ['fd00::1']}}]\n"));
+        assert_eq!(slice_record(&ipv6).unwrap(), None);
+        let headless = slice(
+            "metadata: {name: db-1, labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ''}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.1.1]}]\n",
+        );
+        assert_eq!(slice_record(&headless).unwrap(), None);
+        let mut store = Store::default();
+        store.apply(&ipv6, "test").unwrap();
+        store.apply(&headless, "test").unwrap();
+        assert_eq!(store.slices().count(), 0);
+    }
+
+    #[test]
+    fn slice_without_service_name_label_is_rejected() {
+        let obj = slice("metadata: {name: web-1, labels: {app: web}}\naddressType: IPv4\nendpoints: []\n");
+        assert_eq!(
+            slice_record(&obj).unwrap_err(),
+            InvalidField { field: "metadata.labels[kubernetes.io/service-name]".into(), reason: "missing".into() }
+        );
+    }
+
+    #[test]
+    fn slice_with_bad_address_or_port_is_rejected_with_its_index() {
+        let bad_addr = slice(&format!("{SLICE_META}addressType: IPv4\nendpoints: [{{addresses: [10.244.1.1]}}, {{addresses: [10.244.1.256]}}]\n"));
+        assert_eq!(field_err(slice_record(&bad_addr)), "endpoints[1].addresses[0]");
+        let no_addr = slice(&format!("{SLICE_META}addressType: IPv4\nendpoints: [{{addresses: []}}]\n"));
+        assert_eq!(slice_record(&no_addr).unwrap_err(), InvalidField { field: "endpoints[0].addresses[0]".into(), reason: "missing".into() });
+        let bad_port = slice(&format!("{SLICE_META}addressType: IPv4\nports: [{{port: 80}}, {{port: 0}}]\nendpoints: []\n"));
+        assert_eq!(field_err(slice_record(&bad_port)), "ports[1].port");
+    }
+
+    #[test]
+    fn node_internal_ip_is_the_first_ipv4_internal_address() {
+        let node = |addresses: &str| node_record(&format!("kind: Node\nmetadata: {{name: node-a}}\nstatus: {{addresses: {addresses}}}\n"));
+        let internal_ip = |addresses: &str| node(addresses).unwrap().internal_ip;
+        assert_eq!(
+            node("[{type: ExternalIP, address: 203.0.113.1}, {type: InternalIP, address: 'fd00::1'}, {type: InternalIP, address: 192.168.1.10}]"),
+            Ok(NodeRecord { name: "node-a".into(), internal_ip: Some(ip("192.168.1.10")) })
+        );
+        assert_eq!(internal_ip("[{type: InternalIP, address: 192.168.1.10}, {type: InternalIP, address: 192.168.1.11}]"), Some(ip("192.168.1.10")));
+        assert_eq!(internal_ip("[{type: Hostname, address: node-a}]"), None);
+        assert_eq!(node_record("kind: Node\nmetadata: {name: node-a}\n").unwrap().internal_ip, None);
+        assert_eq!(field_err(node("[{type: Hostname, address: node-a}, {type: InternalIP, address: node-a.local}]")), "status.addresses[1].address");
+    }
+
+    #[test]
+    fn rejected_display_names_origin_object_and_field() {
+        let mut store = Store::default();
+        let err = store.apply(&svc("web", "{clusterIP: 10.0.0.300}"), "manifests/web.yaml").unwrap_err();
+        assert_eq!(err.origin, "manifests/web.yaml");
+        assert_eq!(err.object, "Service default/web");
+        assert_eq!(err.error.field, "spec.clusterIP");
+        assert_eq!(err.to_string(), "manifests/web.yaml: Service default/web: spec.clusterIP: \"10.0.0.300\" is not an IPv4 address");
+    }
+
+    #[test]
+    fn apply_of_a_rejected_version_keeps_the_previous_one() {
+        let mut store = Store::default();
+        store.apply(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}]}"), "a").unwrap();
+        store.apply(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 0}]}"), "a").unwrap_err();
+        let ports: Vec<u16> = store.services().flat_map(|s| s.ports.iter().map(|p| p.port)).collect();
+        assert_eq!(ports, vec![80]);
+        store.delete(&ObjectKey::Service(nn("default", "web")));
+        assert_eq!(store.services().count(), 0);
+    }
+
+    fn cluster_ips(store: &Store) -> Vec<(String, Ipv4Addr)> {
+        store.services().map(|s| (s.id.to_string(), s.cluster_ip)).collect()
+    }
+
+    #[test]
+    fn replace_all_keeps_previous_good_version_of_rejected_and_unreadable_objects_and_deletes_unlisted_ones() {
+        let good = |name: &str, ip: &str| svc(name, &format!("{{clusterIP: {ip}, ports: [{{port: 80}}]}}"));
+        let mut store = Store::default();
+        let first = [good("a", "10.96.0.1"), good("b", "10.96.0.2"), good("c", "10.96.0.3"), good("d", "10.96.0.4")];
+        assert_eq!(store.replace_all(first.iter().map(|o| (o, "first.yaml")), []).len(), 0);
+        assert_eq!(cluster_ips(&store).len(), 4);
+
+        // a: updated; b: rejected (keeps 10.96.0.2); c: unreadable (keeps 10.96.0.3); d: gone;
+        // e: new and rejected (nothing to keep).
+        let second = [good("a", "10.96.0.11"), svc("b", "{clusterIP: 10.0.0.300}"), svc("e", "{clusterIP: bad}")];
+        let rejected = store.replace_all(second.iter().map(|o| (o, "second.yaml")), [ObjectKey::Service(nn("default", "c"))]);
+        let rejected: Vec<String> = rejected.iter().map(|r| format!("{} {}", r.object, r.error.field)).collect();
+        assert_eq!(rejected, vec!["Service default/b spec.clusterIP", "Service default/e spec.clusterIP"]);
+        assert_eq!(
+            cluster_ips(&store),
+            vec![
+                ("default/a".to_string(), ip("10.96.0.11")),
+                ("default/b".to_string(), ip("10.96.0.2")),
+                ("default/c".to_string(), ip("10.96.0.3")),
+            ]
+        );
+
+        // Nothing listed, nothing unreadable: the store empties.
+        assert_eq!(store.replace_all(std::iter::empty(), []).len(), 0);
+        assert_eq!(cluster_ips(&store), vec![]);
+    }
+
+    #[test]
+    fn object_key_and_describe_default_the_namespace() {
+        let obj = svc("web", "{clusterIP: 10.96.0.10}");
+        assert_eq!(object_key(&obj), Some(ObjectKey::Service(nn("default", "web"))));
+        assert_eq!(obj.describe(), "Service default/web");
+        let node = object("kind: Node\nmetadata: {name: node-a, namespace: ignored}\n");
+        assert_eq!(object_key(&node), Some(ObjectKey::Node("node-a".into())));
+        assert_eq!(node.describe(), "Node node-a");
+        let unnamed = object("kind: EndpointSlice\nmetadata: {namespace: shop}\naddressType: IPv4\nendpoints: []\n");
+        assert_eq!(object_key(&unnamed), None);
+        assert_eq!(unnamed.describe(), "EndpointSlice shop/<unnamed>");
+    }
+}
