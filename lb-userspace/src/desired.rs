@@ -9,7 +9,7 @@ use lb_common::{
     service::{ServiceKey, SVC_F_EXTERNAL},
 };
 
-use crate::model::{Endpoint, NamespacedName, ServicePort, ServiceRecord, SliceRecord, Store};
+use crate::model::{Endpoint, NamespacedName, Protocol, ServicePort, ServiceRecord, SliceRecord, Store};
 
 /// A frontend: which backend group it balances to, and how (`SVC_F_*`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,7 +67,7 @@ fn add_frontend(state: &mut DesiredState, key: ServiceKey, frontend: Frontend) {
             "{}:{}/{} is claimed by {} and {}; keeping {}",
             key.ip(),
             key.host_port(),
-            key.proto,
+            Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
             existing.group,
             frontend.group,
             existing.group

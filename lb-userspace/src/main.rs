@@ -58,7 +58,7 @@ struct AgentArgs {
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
     let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(secs > 0.0) {
+    if secs.is_nan() || secs <= 0.0 {
         return Err(format!("{s:?} must be positive"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -43,10 +43,10 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(value, |v, k| v.get(*k))?.as_str()
 }
 
-fn typed<T: DeserializeOwned>(value: Value, kind: &str, key: Option<ObjectKey>, object: String) -> Result<T, DocumentError> {
+fn typed<T: DeserializeOwned>(value: Value, kind: &str, key: Option<ObjectKey>, object: String) -> Result<T, Box<DocumentError>> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
-        DocumentError { object, field, message: e.into_inner().to_string(), key }
+        Box::new(DocumentError { object, field, message: e.into_inner().to_string(), key })
     })
     .inspect_err(|e| tracing::debug!(kind, error = %e, "document rejected"))
 }
@@ -81,7 +81,7 @@ fn add_document(value: Value, parsed: &mut ParsedFile) {
     };
     match result {
         Ok(object) => parsed.objects.push(object),
-        Err(e) => parsed.errors.push(e),
+        Err(e) => parsed.errors.push(*e),
     }
 }
 

@@ -46,11 +46,22 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn parse(value: Option<&str>, field: &str) -> Result<Self, InvalidField> {
+    /// `Ok(None)` for SCTP: a valid Kubernetes protocol xlb does not balance yet, so such a
+    /// port is left out while the object's TCP and UDP ports still work.
+    fn parse(value: Option<&str>, field: &str) -> Result<Option<Self>, InvalidField> {
         match value.unwrap_or("TCP") {
-            "TCP" => Ok(Self::Tcp),
-            "UDP" => Ok(Self::Udp),
-            other => Err(invalid(field, format!("protocol {other:?} is not supported (TCP, UDP)"))),
+            "TCP" => Ok(Some(Self::Tcp)),
+            "UDP" => Ok(Some(Self::Udp)),
+            "SCTP" => Ok(None),
+            other => Err(invalid(field, format!("protocol {other:?} is not one of TCP, UDP, SCTP"))),
+        }
+    }
+
+    pub fn from_number(number: u8) -> Option<Self> {
+        match number {
+            proto::TCP => Some(Self::Tcp),
+            proto::UDP => Some(Self::Udp),
+            _ => None,
         }
     }
 
@@ -88,6 +99,28 @@ fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta)
     Ok(NamespacedName { namespace, name })
 }
 
+/// The Service's IPv4 cluster IP: `spec.clusterIPs` (dual-stack, either family first), else
+/// `spec.clusterIP`. `Ok(None)` when there is none to program: headless (`None`), unset, or
+/// IPv6 only, which kube-proxy's IPv4 proxier skips as well.
+fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Option<Ipv4Addr>, InvalidField> {
+    let (field, ips): (&str, Vec<&str>) = match &spec.cluster_ips {
+        Some(list) if !list.is_empty() => ("spec.clusterIPs", list.iter().map(String::as_str).collect()),
+        _ => ("spec.clusterIP", spec.cluster_ip.as_deref().into_iter().collect()),
+    };
+    if matches!(ips.first(), None | Some(&"") | Some(&"None")) {
+        return Ok(None);
+    }
+    for (i, ip) in ips.iter().enumerate() {
+        let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.to_string() };
+        match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(v4)) => return Ok(Some(v4)),
+            Ok(std::net::IpAddr::V6(_)) => {}
+            Err(_) => return Err(invalid(field, format!("{ip:?} is not an IP address"))),
+        }
+    }
+    Ok(None)
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// The port's name; EndpointSlice ports match on (name, protocol).
@@ -120,9 +153,8 @@ impl ServiceRecord {
         if svc_type == "ExternalName" {
             return Ok(None);
         }
-        let cluster_ip = match spec.cluster_ip.as_deref() {
-            None | Some("") | Some("None") => return Ok(None),
-            Some(ip) => ipv4(ip, "spec.clusterIP")?,
+        let Some(cluster_ip) = ipv4_cluster_ip(spec)? else {
+            return Ok(None);
         };
         let with_node_ports = matches!(svc_type, "NodePort" | "LoadBalancer");
         let mut ports = Vec::new();
@@ -132,9 +164,12 @@ impl ServiceRecord {
                 Some(np) if with_node_ports => Some(port(np, &field("nodePort"))?),
                 _ => None,
             };
+            let Some(protocol) = Protocol::parse(p.protocol.as_deref(), &field("protocol"))? else {
+                continue;
+            };
             ports.push(ServicePort {
                 name: p.name.clone().unwrap_or_default(),
-                protocol: Protocol::parse(p.protocol.as_deref(), &field("protocol"))?,
+                protocol,
                 port: port(p.port, &field("port"))?,
                 node_port,
             });
@@ -182,9 +217,12 @@ impl SliceRecord {
         let mut ports = Vec::new();
         for (i, p) in slice.ports.iter().flatten().enumerate() {
             let Some(number) = p.port else { continue };
+            let Some(protocol) = Protocol::parse(p.protocol.as_deref(), &format!("ports[{i}].protocol"))? else {
+                continue;
+            };
             ports.push(SlicePort {
                 name: p.name.clone().unwrap_or_default(),
-                protocol: Protocol::parse(p.protocol.as_deref(), &format!("ports[{i}].protocol"))?,
+                protocol,
                 port: port(number, &format!("ports[{i}].port"))?,
             });
         }
@@ -472,7 +510,7 @@ mod tests {
     #[test]
     fn invalid_cluster_ip_is_rejected_with_field_spec_cluster_ip() {
         let err = service_record(&svc("web", "{clusterIP: 10.0.0.300, ports: [{port: 80}]}")).unwrap_err();
-        assert_eq!(err, InvalidField { field: "spec.clusterIP".into(), reason: "\"10.0.0.300\" is not an IPv4 address".into() });
+        assert_eq!(err, InvalidField { field: "spec.clusterIP".into(), reason: "\"10.0.0.300\" is not an IP address".into() });
         assert_eq!(field_err(service_record(&svc("web", "{clusterIP: kiada, ports: [{port: 80}]}"))), "spec.clusterIP");
     }
 
@@ -498,12 +536,25 @@ mod tests {
     }
 
     #[test]
-    fn unsupported_protocol_is_rejected_with_field_protocol() {
-        let obj = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: SCTP}]}");
+    fn sctp_ports_are_left_out_and_unknown_protocols_rejected() {
+        let obj = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: SCTP}, {port: 81}]}");
+        let record = service_record(&obj).unwrap().unwrap();
+        assert_eq!(record.ports.iter().map(|p| p.port).collect::<Vec<_>>(), vec![81]);
+        let obj = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: QUIC}]}");
         assert_eq!(
             service_record(&obj).unwrap_err(),
-            InvalidField { field: "spec.ports[0].protocol".into(), reason: "protocol \"SCTP\" is not supported (TCP, UDP)".into() }
+            InvalidField { field: "spec.ports[0].protocol".into(), reason: "protocol \"QUIC\" is not one of TCP, UDP, SCTP".into() }
         );
+    }
+
+    #[test]
+    fn ipv4_cluster_ip_is_taken_from_cluster_ips_and_ipv6_only_services_are_skipped() {
+        let dual = svc("dual", "{clusterIP: fd00::10, clusterIPs: [fd00::10, 10.96.0.12], ports: [{port: 80}]}");
+        assert_eq!(service_record(&dual).unwrap().unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 12));
+        let v6 = svc("v6", "{clusterIP: fd00::10, ports: [{port: 80}]}");
+        assert_eq!(service_record(&v6).unwrap(), None);
+        let bad = svc("bad", "{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1x], ports: [{port: 80}]}");
+        assert_eq!(field_err(service_record(&bad)), "spec.clusterIPs[0]");
     }
 
     #[test]
@@ -636,7 +687,7 @@ endpoints:
         assert_eq!(err.origin, "manifests/web.yaml");
         assert_eq!(err.object, "Service default/web");
         assert_eq!(err.error.field, "spec.clusterIP");
-        assert_eq!(err.to_string(), "manifests/web.yaml: Service default/web: spec.clusterIP: \"10.0.0.300\" is not an IPv4 address");
+        assert_eq!(err.to_string(), "manifests/web.yaml: Service default/web: spec.clusterIP: \"10.0.0.300\" is not an IP address");
     }
 
     #[test]

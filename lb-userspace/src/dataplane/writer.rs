@@ -164,7 +164,10 @@ impl MapWriter {
         let stale_slots: Vec<BackendKey> = self
             .slots
             .keys()
-            .filter(|k| !target_slots.contains_key(k) && !(broken_groups.contains(&k.group_id) && referenced.contains(&k.group_id)))
+            .filter(|k| {
+                let still_read = broken_groups.contains(&k.group_id) && referenced.contains(&k.group_id);
+                !target_slots.contains_key(k) && !still_read
+            })
             .copied()
             .collect();
         for key in stale_slots {
