@@ -338,8 +338,8 @@ mod tests {
         assert_eq!(
             state.conflicts,
             vec![
-                format!("198.18.0.1:30080/{TCP} is claimed by {alpha} and {beta}; keeping {alpha}"),
-                format!("192.168.1.10:30080/{TCP} is claimed by {alpha} and {beta}; keeping {alpha}"),
+                format!("198.18.0.1:30080/TCP is claimed by {alpha} and {beta}; keeping {alpha}"),
+                format!("192.168.1.10:30080/TCP is claimed by {alpha} and {beta}; keeping {alpha}"),
             ]
         );
     }
