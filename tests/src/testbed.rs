@@ -246,11 +246,7 @@ impl Testbed {
         let deadline = Instant::now() + timeout;
         let path = self.nodes[i].bpffs_dir.join(lb_common::maps::SERVICES);
         loop {
-            if let Some(Some(agent)) = self.agents.get_mut(i) {
-                if let Some(status) = agent.try_wait()? {
-                    bail!("agent of {} exited: {status}", self.nodes[i].name);
-                }
-            }
+            self.check_agent_alive(i)?;
             if let Ok(map) = services_map(&path) {
                 if keys.iter().all(|k| map.get(k, 0).is_ok()) {
                     return Ok(());
@@ -261,6 +257,33 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Waits until node `i`'s agent log contains `needle`; fails after `timeout` or if the
+    /// agent exited.
+    pub fn wait_for_log(&mut self, i: usize, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_agent_alive(i)?;
+            let log = fs::read_to_string(self.agent_log(i)).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains(needle)) {
+                return Ok(line.to_string());
+            }
+            if Instant::now() > deadline {
+                bail!("{} never logged {needle:?} within {timeout:?}", self.nodes[i].name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Fails if node `i`'s agent has exited.
+    pub fn check_agent_alive(&mut self, i: usize) -> anyhow::Result<()> {
+        if let Some(Some(agent)) = self.agents.get_mut(i) {
+            if let Some(status) = agent.try_wait()? {
+                bail!("agent of {} exited: {status}", self.nodes[i].name);
+            }
+        }
+        Ok(())
     }
 
     /// Stops node `i`'s agent (SIGTERM, then wait). Its programs stay attached.
