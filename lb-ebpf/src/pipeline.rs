@@ -19,25 +19,23 @@ pub enum Verdict {
     Drop,
 }
 
-#[inline(always)]
-fn set_destination<P: Packet>(pkt: &mut P, flow: &Flow, to: Translation) -> Verdict {
-    match (
-        pkt.set_addr(flow, flow.l3 + IP_DADDR_OFF, to.addr),
-        pkt.set_port(flow, flow.l4 + L4_DPORT_OFF, to.port),
-    ) {
-        (Some(()), Some(())) => Verdict::Pass,
-        // A half-translated packet must not leave.
-        _ => Verdict::Drop,
-    }
+/// Which end of a packet a translation rewrites.
+#[derive(Clone, Copy)]
+enum End {
+    Source,
+    Destination,
 }
 
+/// Rewrites the address and port of `end` to `to`, checksums included.
 #[inline(always)]
-fn set_source<P: Packet>(pkt: &mut P, flow: &Flow, to: Translation) -> Verdict {
-    match (
-        pkt.set_addr(flow, flow.l3 + IP_SADDR_OFF, to.addr),
-        pkt.set_port(flow, flow.l4 + L4_SPORT_OFF, to.port),
-    ) {
+fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: Translation) -> Verdict {
+    let (addr_off, port_off) = match end {
+        End::Source => (IP_SADDR_OFF, L4_SPORT_OFF),
+        End::Destination => (IP_DADDR_OFF, L4_DPORT_OFF),
+    };
+    match (pkt.set_addr(flow, flow.l3 + addr_off, to.addr), pkt.set_port(flow, flow.l4 + port_off, to.port)) {
         (Some(()), Some(())) => Verdict::Pass,
+        // A half-translated packet must not leave.
         _ => Verdict::Drop,
     }
 }
@@ -53,11 +51,11 @@ pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
 
     // A backend's reply to our SNAT address: hand it back to its client.
     if let Some(client) = nat::lookup_ingress(&flow, now) {
-        return set_destination(pkt, &flow, client);
+        return rewrite(pkt, &flow, End::Destination, client);
     }
     // A later packet of a balanced connection: same backend as before.
     if let Some(backend) = conntrack::lookup_forward(&flow, now) {
-        return set_destination(pkt, &flow, backend);
+        return rewrite(pkt, &flow, End::Destination, backend);
     }
     // A new connection to a frontend.
     let Some(svc) = service::lookup(&flow) else {
@@ -77,7 +75,7 @@ pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
     if conntrack::create(&flow, to, now).is_none() {
         return Verdict::Drop;
     }
-    set_destination(pkt, &flow, to)
+    rewrite(pkt, &flow, End::Destination, to)
 }
 
 /// After routing: packets leaving towards the fabric or a local pod.
@@ -91,11 +89,11 @@ pub fn egress<P: Packet>(pkt: &mut P) -> Verdict {
 
     // A backend's reply: it must come from the frontend the client addressed.
     if let Some(frontend) = conntrack::lookup_reply(&flow, now) {
-        return set_source(pkt, &flow, frontend);
+        return rewrite(pkt, &flow, End::Source, frontend);
     }
     // A connection to a backend on another node: SNAT to the node address.
     if let Some(snat) = nat::lookup_egress(&flow, now) {
-        return set_source(pkt, &flow, snat);
+        return rewrite(pkt, &flow, End::Source, snat);
     }
     Verdict::Pass
 }
