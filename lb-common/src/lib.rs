@@ -75,13 +75,19 @@ mod tests {
         let udp = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 10), 53, UDP);
         assert_eq!(bytes(&udp), [10, 96, 0, 10, 0, 53, 17, 0]);
         assert_eq!((size_of::<ServiceKey>(), align_of::<ServiceKey>()), (8, 4));
-        assert_eq!((offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto), offset_of!(ServiceKey, _pad)), (4, 6, 7));
+        assert_eq!(
+            (offset_of!(ServiceKey, port), offset_of!(ServiceKey, proto), offset_of!(ServiceKey, _pad)),
+            (4, 6, 7)
+        );
     }
 
     #[test]
     fn service_value_is_group_count_and_flags_in_host_order() {
         let value = ServiceValue { group_id: 0x0102_0304, backend_count: 3, flags: SVC_F_EXTERNAL };
-        assert_eq!(bytes(&value), ne(&[&0x0102_0304u32.to_ne_bytes(), &3u16.to_ne_bytes(), &1u16.to_ne_bytes()]));
+        assert_eq!(
+            bytes(&value),
+            ne(&[&0x0102_0304u32.to_ne_bytes(), &3u16.to_ne_bytes(), &1u16.to_ne_bytes()])
+        );
         assert_eq!(SVC_F_EXTERNAL, 1);
         assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!((offset_of!(ServiceValue, backend_count), offset_of!(ServiceValue, flags)), (4, 6));
@@ -99,21 +105,48 @@ mod tests {
         let backend = Backend::new(Ipv4Addr::new(10, 244, 1, 5), 8080, BACKEND_F_LOCAL);
         assert_eq!(bytes(&backend), [10, 244, 1, 5, 0x1f, 0x90, 1, 0]);
         assert_eq!((backend.ip(), backend.host_port()), (Ipv4Addr::new(10, 244, 1, 5), 8080));
-        assert_eq!(bytes(&Backend::new(Ipv4Addr::new(10, 244, 2, 6), 65535, 0)), [10, 244, 2, 6, 0xff, 0xff, 0, 0]);
+        assert_eq!(
+            bytes(&Backend::new(Ipv4Addr::new(10, 244, 2, 6), 65535, 0)),
+            [10, 244, 2, 6, 0xff, 0xff, 0, 0]
+        );
         assert_eq!(size_of::<Backend>(), 8);
-        assert_eq!((offset_of!(Backend, port), offset_of!(Backend, flags), offset_of!(Backend, _pad)), (4, 6, 7));
+        assert_eq!(
+            (offset_of!(Backend, port), offset_of!(Backend, flags), offset_of!(Backend, _pad)),
+            (4, 6, 7)
+        );
     }
 
     #[test]
     fn ct_key_is_addresses_then_ports_in_network_order_then_proto_dir_and_zero_pad() {
-        let key = CtKey::new(Ipv4Addr::new(10, 0, 0, 1), 40000, Ipv4Addr::new(10, 96, 0, 10), 80, TCP, CT_DIR_REPLY);
+        let key = CtKey::new(
+            Ipv4Addr::new(10, 0, 0, 1),
+            40000,
+            Ipv4Addr::new(10, 96, 0, 10),
+            80,
+            TCP,
+            CT_DIR_REPLY,
+        );
         assert_eq!(bytes(&key), [10, 0, 0, 1, 10, 96, 0, 10, 0x9c, 0x40, 0, 80, 6, 1, 0, 0]);
-        let nat = CtKey::new(Ipv4Addr::new(192, 168, 1, 10), 61000, Ipv4Addr::new(10, 244, 1, 5), 8080, UDP, NAT_DIR_INGRESS);
+        let nat = CtKey::new(
+            Ipv4Addr::new(192, 168, 1, 10),
+            61000,
+            Ipv4Addr::new(10, 244, 1, 5),
+            8080,
+            UDP,
+            NAT_DIR_INGRESS,
+        );
         assert_eq!(bytes(&nat), [192, 168, 1, 10, 10, 244, 1, 5, 0xee, 0x48, 0x1f, 0x90, 17, 1, 0, 0]);
         assert_eq!((CT_DIR_FORWARD, CT_DIR_REPLY, NAT_DIR_EGRESS, NAT_DIR_INGRESS), (0, 1, 0, 1));
         assert_eq!(size_of::<CtKey>(), 16);
         assert_eq!(
-            [offset_of!(CtKey, daddr), offset_of!(CtKey, sport), offset_of!(CtKey, dport), offset_of!(CtKey, proto), offset_of!(CtKey, dir), offset_of!(CtKey, _pad)],
+            [
+                offset_of!(CtKey, daddr),
+                offset_of!(CtKey, sport),
+                offset_of!(CtKey, dport),
+                offset_of!(CtKey, proto),
+                offset_of!(CtKey, dir),
+                offset_of!(CtKey, _pad)
+            ],
             [4, 8, 10, 12, 13, 14]
         );
     }
@@ -136,7 +169,8 @@ mod tests {
 
     #[test]
     fn nat_entry_is_address_and_port_in_network_order_then_host_order_timestamp() {
-        let entry = NatEntry { addr: be_addr(192, 168, 1, 10), port: 61000u16.to_be(), _pad: 0, last_seen_ns: 7 };
+        let entry =
+            NatEntry { addr: be_addr(192, 168, 1, 10), port: 61000u16.to_be(), _pad: 0, last_seen_ns: 7 };
         let head: &[u8] = &[192, 168, 1, 10, 0xee, 0x48, 0, 0];
         assert_eq!(bytes(&entry), ne(&[head, &7u64.to_ne_bytes()]));
         assert_eq!((size_of::<NatEntry>(), align_of::<NatEntry>()), (16, 8));

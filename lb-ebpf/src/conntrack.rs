@@ -2,8 +2,8 @@
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     conntrack::{
-        ct_timeout_ns, CtEntry, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSED,
-        CT_STATE_ESTABLISHED, CT_STATE_FIN, CT_STATE_OTHER, CT_STATE_SYN_SENT,
+        ct_timeout_ns, CtEntry, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_ESTABLISHED,
+        CT_STATE_FIN, CT_STATE_OTHER, CT_STATE_SYN_SENT,
     },
     proto,
 };

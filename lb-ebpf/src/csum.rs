@@ -20,10 +20,6 @@ pub fn replace2(csum: u16, old: u16, new: u16) -> u16 {
 /// The checksum after a 32-bit word of the covered data changed from `old` to `new`.
 #[inline(always)]
 pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = !csum as u32
-        + (!old & 0xffff)
-        + (!old >> 16)
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = !csum as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }

@@ -14,18 +14,15 @@ use lb_common::{
 
 /// Frontends: (address, port, protocol) → backend group.
 #[btf_map]
-pub static XLB_SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> =
-    HashMap::new();
+pub static XLB_SERVICES: HashMap<ServiceKey, ServiceValue, { SERVICES_MAX as usize }> = HashMap::new();
 
 /// Backend slots: (group, slot) → endpoint.
 #[btf_map]
-pub static XLB_BACKENDS: HashMap<BackendKey, Backend, { BACKENDS_MAX as usize }> =
-    HashMap::new();
+pub static XLB_BACKENDS: HashMap<BackendKey, Backend, { BACKENDS_MAX as usize }> = HashMap::new();
 
 /// Connection tracking; resized by the agent's `--conntrack-size`.
 #[btf_map]
-pub static XLB_CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX as usize }> =
-    LruHashMap::new();
+pub static XLB_CONNTRACK: LruHashMap<CtKey, CtEntry, { CONNTRACK_MAX as usize }> = LruHashMap::new();
 
 /// SNAT bindings; sized like the conntrack table.
 #[btf_map]

@@ -1,10 +1,7 @@
 //! The packet pipeline shared by every hook: parse → conntrack → service lookup → backend
 //! choice → NAT → forward (the kernel routes; we only translate, pass or drop).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{
-    backend::BACKEND_F_LOCAL,
-    service::SVC_F_EXTERNAL,
-};
+use lb_common::{backend::BACKEND_F_LOCAL, service::SVC_F_EXTERNAL};
 
 use crate::{
     conntrack::{self, Translation},

@@ -1,12 +1,6 @@
 //! The agent loop: read the sources, compute the node's desired state, write the maps;
 //! again on every change of the manifest directory and every sync period.
-use std::{
-    collections::BTreeSet,
-    net::Ipv4Addr,
-    path::PathBuf,
-    sync::mpsc,
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::mpsc, time::Duration};
 
 use anyhow::Context as _;
 use lb_userspace::{
@@ -81,16 +75,22 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-fn attach_pod_interfaces(dataplane: &mut Dataplane, pattern: &glob::Pattern, attached: &mut BTreeSet<String>) {
+fn attach_pod_interfaces(
+    dataplane: &mut Dataplane,
+    pattern: &glob::Pattern,
+    attached: &mut BTreeSet<String>,
+) {
     let names = match netif::interface_names() {
         Ok(names) => names,
         Err(e) => return tracing::warn!(error = %e, "listing interfaces"),
     };
     // Interfaces that went away (a deleted pod) are forgotten, so a new one of that name is attached.
     attached.retain(|n| names.contains(n));
-    let new: Vec<String> = names.into_iter().filter(|n| pattern.matches(n) && !attached.contains(n)).collect();
+    let new: Vec<String> =
+        names.into_iter().filter(|n| pattern.matches(n) && !attached.contains(n)).collect();
     for name in new {
-        let result = [Hook::TcIngress, Hook::TcEgress].into_iter().try_for_each(|hook| dataplane.attach(hook, &name));
+        let result =
+            [Hook::TcIngress, Hook::TcEgress].into_iter().try_for_each(|hook| dataplane.attach(hook, &name));
         match result {
             Ok(()) => {
                 tracing::info!(interface = %name, "attached to pod interface");
@@ -114,7 +114,8 @@ fn sync(config: &Config, source: &mut ManifestDir, store: &mut Store, writer: &m
         tracing::warn!(error = %e, "reading node addresses");
         Vec::new()
     });
-    let node_addrs: Vec<Ipv4Addr> = addresses.iter().map(|(_, a)| *a).collect::<BTreeSet<_>>().into_iter().collect();
+    let node_addrs: Vec<Ipv4Addr> =
+        addresses.iter().map(|(_, a)| *a).collect::<BTreeSet<_>>().into_iter().collect();
     let default_snat_addr = config
         .external_interfaces
         .first()

@@ -102,10 +102,7 @@ fn backends(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -> Vec
     // Per IP, the non-terminating endpoint wins over a terminating duplicate.
     let mut by_ip: BTreeMap<Ipv4Addr, (&Endpoint, u16)> = BTreeMap::new();
     for slice in slices {
-        let Some(target) = slice
-            .ports
-            .iter()
-            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
         else {
             continue;
         };
@@ -170,7 +167,11 @@ mod tests {
     const NODE_ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(192, 168, 1, 10)];
 
     fn node() -> NodeContext<'static> {
-        NodeContext { name: "node-a", addrs: &NODE_ADDRS, default_snat_addr: Some(Ipv4Addr::new(198, 18, 0, 1)) }
+        NodeContext {
+            name: "node-a",
+            addrs: &NODE_ADDRS,
+            default_snat_addr: Some(Ipv4Addr::new(198, 18, 0, 1)),
+        }
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -203,7 +204,8 @@ mod tests {
         .into_iter()
         .collect();
         assert_eq!(state.frontends, expected);
-        let groups: BTreeMap<String, Vec<Backend>> = [(http.to_string(), vec![]), (dns.to_string(), vec![])].into_iter().collect();
+        let groups: BTreeMap<String, Vec<Backend>> =
+            [(http.to_string(), vec![]), (dns.to_string(), vec![])].into_iter().collect();
         assert_eq!(state.groups, groups);
         assert_eq!(state.conflicts, Vec::<String>::new());
     }
@@ -212,14 +214,20 @@ mod tests {
     fn cluster_ip_service_has_no_node_port_frontends() {
         let state = compute(&store(&svc("web", WEB)), &node());
         let expected: BTreeMap<ServiceKey, Frontend> =
-            [(ServiceKey::new(ip("10.96.0.10"), 80, TCP), frontend("default/web:http/TCP", 0))].into_iter().collect();
+            [(ServiceKey::new(ip("10.96.0.10"), 80, TCP), frontend("default/web:http/TCP", 0))]
+                .into_iter()
+                .collect();
         assert_eq!(state.frontends, expected);
     }
 
     #[test]
     fn skipped_and_absent_services_have_no_frontends() {
-        let yaml = svc("headless", "{clusterIP: None, ports: [{port: 80}]}") + &slice("headless-1", "headless", "[{port: 80}]", "[{addresses: [10.244.1.1]}]");
-        assert_eq!(compute(&store(&yaml), &node()), DesiredState { snat_addr: Some(ip("198.18.0.1")), ..Default::default() });
+        let yaml = svc("headless", "{clusterIP: None, ports: [{port: 80}]}")
+            + &slice("headless-1", "headless", "[{port: 80}]", "[{addresses: [10.244.1.1]}]");
+        assert_eq!(
+            compute(&store(&yaml), &node()),
+            DesiredState { snat_addr: Some(ip("198.18.0.1")), ..Default::default() }
+        );
     }
 
     #[test]
@@ -297,18 +305,31 @@ mod tests {
 
     #[test]
     fn endpoint_on_this_node_is_flagged_local() {
-        let endpoints = format!("[{}, {}, {{addresses: [10.244.1.3]}}]", ep("10.244.1.1", "node-a", ""), ep("10.244.1.2", "node-b", ""));
+        let endpoints = format!(
+            "[{}, {}, {{addresses: [10.244.1.3]}}]",
+            ep("10.244.1.1", "node-a", ""),
+            ep("10.244.1.2", "node-b", "")
+        );
         let yaml = svc("web", WEB) + &slice("web-1", "web", HTTP, &endpoints);
         assert_eq!(
             web_backends(&yaml),
-            vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL), (ip("10.244.1.2"), 8080, 0), (ip("10.244.1.3"), 8080, 0)]
+            vec![
+                (ip("10.244.1.1"), 8080, BACKEND_F_LOCAL),
+                (ip("10.244.1.2"), 8080, 0),
+                (ip("10.244.1.3"), 8080, 0)
+            ]
         );
     }
 
     #[test]
     fn snat_addr_is_the_node_internal_ip_else_the_default() {
-        let node_obj = |name: &str, addresses: &str| format!("kind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: {addresses}}}\n---\n");
-        let with_ip = node_obj("node-a", "[{type: ExternalIP, address: 203.0.113.7}, {type: InternalIP, address: 10.0.0.7}]");
+        let node_obj = |name: &str, addresses: &str| {
+            format!("kind: Node\nmetadata: {{name: {name}}}\nstatus: {{addresses: {addresses}}}\n---\n")
+        };
+        let with_ip = node_obj(
+            "node-a",
+            "[{type: ExternalIP, address: 203.0.113.7}, {type: InternalIP, address: 10.0.0.7}]",
+        );
         assert_eq!(compute(&store(&with_ip), &node()).snat_addr, Some(ip("10.0.0.7")));
         let without_ip = node_obj("node-a", "[{type: Hostname, address: node-a}]");
         assert_eq!(compute(&store(&without_ip), &node()).snat_addr, Some(ip("198.18.0.1")));
@@ -321,7 +342,9 @@ mod tests {
 
     #[test]
     fn frontend_claimed_by_two_services_is_a_conflict_won_by_the_first_name() {
-        let spec = |ip: &str| format!("{{type: NodePort, clusterIP: {ip}, ports: [{{name: http, port: 80, nodePort: 30080}}]}}");
+        let spec = |ip: &str| {
+            format!("{{type: NodePort, clusterIP: {ip}, ports: [{{name: http, port: 80, nodePort: 30080}}]}}")
+        };
         // "beta" comes first in the text; "alpha" still wins: the order is by name.
         let yaml = svc("beta", &spec("10.96.0.2")) + &svc("alpha", &spec("10.96.0.1"));
         let state = compute(&store(&yaml), &node());

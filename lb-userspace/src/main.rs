@@ -57,7 +57,8 @@ struct AgentArgs {
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    let secs: f64 =
+        s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
     if secs.is_nan() || secs <= 0.0 {
         return Err(format!("{s:?} must be positive"));
     }

@@ -43,12 +43,18 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(value, |v, k| v.get(*k))?.as_str()
 }
 
-fn typed<T: DeserializeOwned>(value: Value, kind: &str, key: Option<ObjectKey>, object: String) -> Result<T, Box<DocumentError>> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let field = e.path().to_string();
-        Box::new(DocumentError { object, field, message: e.into_inner().to_string(), key })
-    })
-    .inspect_err(|e| tracing::debug!(kind, error = %e, "document rejected"))
+fn typed<T: DeserializeOwned>(
+    value: Value,
+    kind: &str,
+    key: Option<ObjectKey>,
+    object: String,
+) -> Result<T, Box<DocumentError>> {
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| {
+            let field = e.path().to_string();
+            Box::new(DocumentError { object, field, message: e.into_inner().to_string(), key })
+        })
+        .inspect_err(|e| tracing::debug!(kind, error = %e, "document rejected"))
 }
 
 fn add_document(value: Value, parsed: &mut ParsedFile) {
@@ -68,9 +74,17 @@ fn add_document(value: Value, parsed: &mut ParsedFile) {
     let namespace = str_at(&value, &["metadata", "namespace"]).unwrap_or("default").to_string();
     let id = name.clone().map(|name| NamespacedName { namespace: namespace.clone(), name });
     let (key, object) = match kind.as_str() {
-        "Service" => (id.map(ObjectKey::Service), format!("Service {namespace}/{}", name.as_deref().unwrap_or("<unnamed>"))),
-        "EndpointSlice" => (id.map(ObjectKey::EndpointSlice), format!("EndpointSlice {namespace}/{}", name.as_deref().unwrap_or("<unnamed>"))),
-        "Node" => (name.clone().map(ObjectKey::Node), format!("Node {}", name.as_deref().unwrap_or("<unnamed>"))),
+        "Service" => (
+            id.map(ObjectKey::Service),
+            format!("Service {namespace}/{}", name.as_deref().unwrap_or("<unnamed>")),
+        ),
+        "EndpointSlice" => (
+            id.map(ObjectKey::EndpointSlice),
+            format!("EndpointSlice {namespace}/{}", name.as_deref().unwrap_or("<unnamed>")),
+        ),
+        "Node" => {
+            (name.clone().map(ObjectKey::Node), format!("Node {}", name.as_deref().unwrap_or("<unnamed>")))
+        }
         // Deployments, Pods and the rest of an application's manifests: not ours.
         _ => return,
     };
@@ -136,7 +150,9 @@ impl ManifestDir {
     pub fn scan(&mut self) -> Scan {
         let mut scan = Scan::default();
         let mut files: Vec<PathBuf> = match fs::read_dir(&self.dir) {
-            Ok(entries) => entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect(),
+            Ok(entries) => {
+                entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_manifest(p)).collect()
+            }
             Err(e) => {
                 scan.errors.push(format!("{}: cannot read directory: {e}", self.dir.display()));
                 scan.unreadable = self.last_good.values().flatten().cloned().collect();
@@ -149,7 +165,8 @@ impl ManifestDir {
             let origin = path.display().to_string();
             match fs::read_to_string(&path).map_err(FileError::from).and_then(|t| parse_str(&t)) {
                 Ok(parsed) => {
-                    let mut keys: Vec<ObjectKey> = parsed.objects.iter().filter_map(crate::model::object_key).collect();
+                    let mut keys: Vec<ObjectKey> =
+                        parsed.objects.iter().filter_map(crate::model::object_key).collect();
                     for e in parsed.errors {
                         scan.errors.push(format!("{origin}: {e}"));
                         scan.unreadable.extend(e.key.clone());
@@ -231,7 +248,9 @@ spec:
                 ObjectKey::Node("node-a".into()),
             ]
         );
-        let Object::Service(svc) = &parsed.objects[0] else { panic!("not a Service: {:?}", parsed.objects[0]) };
+        let Object::Service(svc) = &parsed.objects[0] else {
+            panic!("not a Service: {:?}", parsed.objects[0])
+        };
         let spec = svc.spec.as_ref().unwrap();
         assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
         assert_eq!(spec.ports.as_ref().unwrap()[0].port, 80);
@@ -301,7 +320,8 @@ spec:
 
     impl TempDir {
         fn new(tag: &str) -> Self {
-            let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+            let nanos =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
             let dir = std::env::temp_dir().join(format!("xlb-test-{tag}-{}-{nanos}", std::process::id()));
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -364,7 +384,11 @@ spec:
         assert_eq!(scan_keys(&broken), vec![svc_key("default", "other")]);
         assert_eq!(broken.unreadable, vec![svc_key("default", "web"), ObjectKey::Node("node-a".into())]);
         assert_eq!(broken.errors.len(), 1);
-        assert!(broken.errors[0].starts_with(&format!("{}: not valid YAML: ", path.display())), "{}", broken.errors[0]);
+        assert!(
+            broken.errors[0].starts_with(&format!("{}: not valid YAML: ", path.display())),
+            "{}",
+            broken.errors[0]
+        );
 
         // Still broken on the next scan: the keys are still remembered.
         let again = dir.scan();
@@ -387,13 +411,15 @@ spec:
     #[test]
     fn scan_reports_document_errors_with_file_and_marks_their_keys_unreadable() {
         let tmp = TempDir::new("scan-document");
-        let path = tmp.write("web.yaml", &[SERVICE.replace("port: 80", "port: eighty").as_str(), NODE].join("---\n"));
+        let path = tmp
+            .write("web.yaml", &[SERVICE.replace("port: 80", "port: eighty").as_str(), NODE].join("---\n"));
         let scan = ManifestDir::new(&tmp.0).scan();
         assert_eq!(scan_keys(&scan), vec![ObjectKey::Node("node-a".into())]);
         assert_eq!(scan.unreadable, vec![svc_key("default", "web")]);
         assert_eq!(scan.errors.len(), 1);
         assert!(
-            scan.errors[0].starts_with(&format!("{}: Service default/web: spec.ports[0].port: ", path.display())),
+            scan.errors[0]
+                .starts_with(&format!("{}: Service default/web: spec.ports[0].port: ", path.display())),
             "{}",
             scan.errors[0]
         );
@@ -415,6 +441,10 @@ spec:
         unreadable.sort();
         assert_eq!(unreadable, vec![svc_key("default", "web"), ObjectKey::Node("node-a".into())]);
         assert_eq!(scan.errors.len(), 1);
-        assert!(scan.errors[0].starts_with(&format!("{}: cannot read directory: ", sub.display())), "{}", scan.errors[0]);
+        assert!(
+            scan.errors[0].starts_with(&format!("{}: cannot read directory: ", sub.display())),
+            "{}",
+            scan.errors[0]
+        );
     }
 }

@@ -93,8 +93,11 @@ fn port(value: i32, field: &str) -> Result<u16, InvalidField> {
     }
 }
 
-fn namespaced(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Result<NamespacedName, InvalidField> {
-    let name = meta.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| invalid("metadata.name", "missing"))?;
+fn namespaced(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Result<NamespacedName, InvalidField> {
+    let name =
+        meta.name.clone().filter(|n| !n.is_empty()).ok_or_else(|| invalid("metadata.name", "missing"))?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
     Ok(NamespacedName { namespace, name })
 }
@@ -217,7 +220,8 @@ impl SliceRecord {
         let mut ports = Vec::new();
         for (i, p) in slice.ports.iter().flatten().enumerate() {
             let Some(number) = p.port else { continue };
-            let Some(protocol) = Protocol::parse(p.protocol.as_deref(), &format!("ports[{i}].protocol"))? else {
+            let Some(protocol) = Protocol::parse(p.protocol.as_deref(), &format!("ports[{i}].protocol"))?
+            else {
                 continue;
             };
             ports.push(SlicePort {
@@ -262,7 +266,10 @@ impl NodeRecord {
                 if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
                     internal_ip = Some(ip);
                 } else if !a.address.contains(':') {
-                    return Err(invalid(format!("status.addresses[{i}].address"), format!("{:?} is not an IP address", a.address)));
+                    return Err(invalid(
+                        format!("status.addresses[{i}].address"),
+                        format!("{:?} is not an IP address", a.address),
+                    ));
                 }
             }
         }
@@ -488,7 +495,12 @@ mod tests {
                 id: nn("default", "web"),
                 cluster_ip: ip("10.96.0.10"),
                 ports: vec![
-                    ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) },
+                    ServicePort {
+                        name: "http".into(),
+                        protocol: Protocol::Tcp,
+                        port: 80,
+                        node_port: Some(30080)
+                    },
                     ServicePort { name: "".into(), protocol: Protocol::Udp, port: 53, node_port: None },
                 ],
             })
@@ -498,7 +510,13 @@ mod tests {
     #[test]
     fn node_port_is_ignored_unless_type_is_node_port_or_load_balancer() {
         let ports = "ports: [{port: 80, nodePort: 30080}]";
-        let node_port = |ty: &str| service_record(&svc("web", &format!("{{type: {ty}, clusterIP: 10.96.0.10, {ports}}}"))).unwrap().unwrap().ports[0].node_port;
+        let node_port = |ty: &str| {
+            service_record(&svc("web", &format!("{{type: {ty}, clusterIP: 10.96.0.10, {ports}}}")))
+                .unwrap()
+                .unwrap()
+                .ports[0]
+                .node_port
+        };
         assert_eq!(node_port("ClusterIP"), None);
         assert_eq!(node_port("NodePort"), Some(30080));
         assert_eq!(node_port("LoadBalancer"), Some(30080));
@@ -510,17 +528,37 @@ mod tests {
     #[test]
     fn invalid_cluster_ip_is_rejected_with_field_spec_cluster_ip() {
         let err = service_record(&svc("web", "{clusterIP: 10.0.0.300, ports: [{port: 80}]}")).unwrap_err();
-        assert_eq!(err, InvalidField { field: "spec.clusterIP".into(), reason: "\"10.0.0.300\" is not an IP address".into() });
-        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: kiada, ports: [{port: 80}]}"))), "spec.clusterIP");
+        assert_eq!(
+            err,
+            InvalidField {
+                field: "spec.clusterIP".into(),
+                reason: "\"10.0.0.300\" is not an IP address".into()
+            }
+        );
+        assert_eq!(
+            field_err(service_record(&svc("web", "{clusterIP: kiada, ports: [{port: 80}]}"))),
+            "spec.clusterIP"
+        );
     }
 
     #[test]
     fn port_zero_or_above_65535_is_rejected_with_its_index() {
-        let err = service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}, {port: 0}]}")).unwrap_err();
-        assert_eq!(err, InvalidField { field: "spec.ports[1].port".into(), reason: "0 is not a port (1-65535)".into() });
-        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 70000}]}"))), "spec.ports[0].port");
-        assert_eq!(field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: -1}]}"))), "spec.ports[0].port");
-        let max = service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 65535}]}")).unwrap().unwrap();
+        let err = service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}, {port: 0}]}"))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            InvalidField { field: "spec.ports[1].port".into(), reason: "0 is not a port (1-65535)".into() }
+        );
+        assert_eq!(
+            field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 70000}]}"))),
+            "spec.ports[0].port"
+        );
+        assert_eq!(
+            field_err(service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: -1}]}"))),
+            "spec.ports[0].port"
+        );
+        let max =
+            service_record(&svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 65535}]}")).unwrap().unwrap();
         assert_eq!(max.ports[0].port, 65535);
     }
 
@@ -530,7 +568,10 @@ mod tests {
             let obj = svc("web", &format!("{{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}, {{port: 81, nodePort: {bad}}}]}}"));
             assert_eq!(
                 service_record(&obj).unwrap_err(),
-                InvalidField { field: "spec.ports[1].nodePort".into(), reason: format!("{bad} is not a port (1-65535)") }
+                InvalidField {
+                    field: "spec.ports[1].nodePort".into(),
+                    reason: format!("{bad} is not a port (1-65535)")
+                }
             );
         }
     }
@@ -543,13 +584,17 @@ mod tests {
         let obj = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80, protocol: QUIC}]}");
         assert_eq!(
             service_record(&obj).unwrap_err(),
-            InvalidField { field: "spec.ports[0].protocol".into(), reason: "protocol \"QUIC\" is not one of TCP, UDP, SCTP".into() }
+            InvalidField {
+                field: "spec.ports[0].protocol".into(),
+                reason: "protocol \"QUIC\" is not one of TCP, UDP, SCTP".into()
+            }
         );
     }
 
     #[test]
     fn ipv4_cluster_ip_is_taken_from_cluster_ips_and_ipv6_only_services_are_skipped() {
-        let dual = svc("dual", "{clusterIP: fd00::10, clusterIPs: [fd00::10, 10.96.0.12], ports: [{port: 80}]}");
+        let dual =
+            svc("dual", "{clusterIP: fd00::10, clusterIPs: [fd00::10, 10.96.0.12], ports: [{port: 80}]}");
         assert_eq!(service_record(&dual).unwrap().unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 12));
         let v6 = svc("v6", "{clusterIP: fd00::10, ports: [{port: 80}]}");
         assert_eq!(service_record(&v6).unwrap(), None);
@@ -589,7 +634,8 @@ mod tests {
         assert_eq!(store.services().count(), 0);
     }
 
-    const SLICE_META: &str = "metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n";
+    const SLICE_META: &str =
+        "metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\n";
 
     #[test]
     fn slice_becomes_record_of_its_service_with_condition_defaults() {
@@ -635,7 +681,8 @@ endpoints:
 
     #[test]
     fn ipv6_and_headless_slices_are_skipped() {
-        let ipv6 = slice(&format!("{SLICE_META}addressType: IPv6\nendpoints: [{{addresses: ['fd00::1']}}]\n"));
+        let ipv6 =
+            slice(&format!("{SLICE_META}addressType: IPv6\nendpoints: [{{addresses: ['fd00::1']}}]\n"));
         assert_eq!(slice_record(&ipv6).unwrap(), None);
         let headless = slice(
             "metadata: {name: db-1, labels: {kubernetes.io/service-name: db, service.kubernetes.io/headless: ''}}\naddressType: IPv4\nendpoints: [{addresses: [10.244.1.1]}]\n",
@@ -652,7 +699,10 @@ endpoints:
         let obj = slice("metadata: {name: web-1, labels: {app: web}}\naddressType: IPv4\nendpoints: []\n");
         assert_eq!(
             slice_record(&obj).unwrap_err(),
-            InvalidField { field: "metadata.labels[kubernetes.io/service-name]".into(), reason: "missing".into() }
+            InvalidField {
+                field: "metadata.labels[kubernetes.io/service-name]".into(),
+                reason: "missing".into()
+            }
         );
     }
 
@@ -661,23 +711,40 @@ endpoints:
         let bad_addr = slice(&format!("{SLICE_META}addressType: IPv4\nendpoints: [{{addresses: [10.244.1.1]}}, {{addresses: [10.244.1.256]}}]\n"));
         assert_eq!(field_err(slice_record(&bad_addr)), "endpoints[1].addresses[0]");
         let no_addr = slice(&format!("{SLICE_META}addressType: IPv4\nendpoints: [{{addresses: []}}]\n"));
-        assert_eq!(slice_record(&no_addr).unwrap_err(), InvalidField { field: "endpoints[0].addresses[0]".into(), reason: "missing".into() });
-        let bad_port = slice(&format!("{SLICE_META}addressType: IPv4\nports: [{{port: 80}}, {{port: 0}}]\nendpoints: []\n"));
+        assert_eq!(
+            slice_record(&no_addr).unwrap_err(),
+            InvalidField { field: "endpoints[0].addresses[0]".into(), reason: "missing".into() }
+        );
+        let bad_port = slice(&format!(
+            "{SLICE_META}addressType: IPv4\nports: [{{port: 80}}, {{port: 0}}]\nendpoints: []\n"
+        ));
         assert_eq!(field_err(slice_record(&bad_port)), "ports[1].port");
     }
 
     #[test]
     fn node_internal_ip_is_the_first_ipv4_internal_address() {
-        let node = |addresses: &str| node_record(&format!("kind: Node\nmetadata: {{name: node-a}}\nstatus: {{addresses: {addresses}}}\n"));
+        let node = |addresses: &str| {
+            node_record(&format!(
+                "kind: Node\nmetadata: {{name: node-a}}\nstatus: {{addresses: {addresses}}}\n"
+            ))
+        };
         let internal_ip = |addresses: &str| node(addresses).unwrap().internal_ip;
         assert_eq!(
             node("[{type: ExternalIP, address: 203.0.113.1}, {type: InternalIP, address: 'fd00::1'}, {type: InternalIP, address: 192.168.1.10}]"),
             Ok(NodeRecord { name: "node-a".into(), internal_ip: Some(ip("192.168.1.10")) })
         );
-        assert_eq!(internal_ip("[{type: InternalIP, address: 192.168.1.10}, {type: InternalIP, address: 192.168.1.11}]"), Some(ip("192.168.1.10")));
+        assert_eq!(
+            internal_ip(
+                "[{type: InternalIP, address: 192.168.1.10}, {type: InternalIP, address: 192.168.1.11}]"
+            ),
+            Some(ip("192.168.1.10"))
+        );
         assert_eq!(internal_ip("[{type: Hostname, address: node-a}]"), None);
         assert_eq!(node_record("kind: Node\nmetadata: {name: node-a}\n").unwrap().internal_ip, None);
-        assert_eq!(field_err(node("[{type: Hostname, address: node-a}, {type: InternalIP, address: node-a.local}]")), "status.addresses[1].address");
+        assert_eq!(
+            field_err(node("[{type: Hostname, address: node-a}, {type: InternalIP, address: node-a.local}]")),
+            "status.addresses[1].address"
+        );
     }
 
     #[test]
@@ -687,7 +754,10 @@ endpoints:
         assert_eq!(err.origin, "manifests/web.yaml");
         assert_eq!(err.object, "Service default/web");
         assert_eq!(err.error.field, "spec.clusterIP");
-        assert_eq!(err.to_string(), "manifests/web.yaml: Service default/web: spec.clusterIP: \"10.0.0.300\" is not an IP address");
+        assert_eq!(
+            err.to_string(),
+            "manifests/web.yaml: Service default/web: spec.clusterIP: \"10.0.0.300\" is not an IP address"
+        );
     }
 
     #[test]
@@ -706,18 +776,23 @@ endpoints:
     }
 
     #[test]
-    fn replace_all_keeps_previous_good_version_of_rejected_and_unreadable_objects_and_deletes_unlisted_ones() {
+    fn replace_all_keeps_previous_good_version_of_rejected_and_unreadable_objects_and_deletes_unlisted_ones()
+    {
         let good = |name: &str, ip: &str| svc(name, &format!("{{clusterIP: {ip}, ports: [{{port: 80}}]}}"));
         let mut store = Store::default();
-        let first = [good("a", "10.96.0.1"), good("b", "10.96.0.2"), good("c", "10.96.0.3"), good("d", "10.96.0.4")];
+        let first =
+            [good("a", "10.96.0.1"), good("b", "10.96.0.2"), good("c", "10.96.0.3"), good("d", "10.96.0.4")];
         assert_eq!(store.replace_all(first.iter().map(|o| (o, "first.yaml")), []).len(), 0);
         assert_eq!(cluster_ips(&store).len(), 4);
 
         // a: updated; b: rejected (keeps 10.96.0.2); c: unreadable (keeps 10.96.0.3); d: gone;
         // e: new and rejected (nothing to keep).
-        let second = [good("a", "10.96.0.11"), svc("b", "{clusterIP: 10.0.0.300}"), svc("e", "{clusterIP: bad}")];
-        let rejected = store.replace_all(second.iter().map(|o| (o, "second.yaml")), [ObjectKey::Service(nn("default", "c"))]);
-        let rejected: Vec<String> = rejected.iter().map(|r| format!("{} {}", r.object, r.error.field)).collect();
+        let second =
+            [good("a", "10.96.0.11"), svc("b", "{clusterIP: 10.0.0.300}"), svc("e", "{clusterIP: bad}")];
+        let rejected = store
+            .replace_all(second.iter().map(|o| (o, "second.yaml")), [ObjectKey::Service(nn("default", "c"))]);
+        let rejected: Vec<String> =
+            rejected.iter().map(|r| format!("{} {}", r.object, r.error.field)).collect();
         assert_eq!(rejected, vec!["Service default/b spec.clusterIP", "Service default/e spec.clusterIP"]);
         assert_eq!(
             cluster_ips(&store),
@@ -741,7 +816,8 @@ endpoints:
         let node = object("kind: Node\nmetadata: {name: node-a, namespace: ignored}\n");
         assert_eq!(object_key(&node), Some(ObjectKey::Node("node-a".into())));
         assert_eq!(node.describe(), "Node node-a");
-        let unnamed = object("kind: EndpointSlice\nmetadata: {namespace: shop}\naddressType: IPv4\nendpoints: []\n");
+        let unnamed =
+            object("kind: EndpointSlice\nmetadata: {namespace: shop}\naddressType: IPv4\nendpoints: []\n");
         assert_eq!(object_key(&unnamed), None);
         assert_eq!(unnamed.describe(), "EndpointSlice shop/<unnamed>");
     }

@@ -31,7 +31,8 @@ pub fn parse_reply(body: &str) -> anyhow::Result<Reply> {
 
 /// One GET over a new connection. Must run inside the client's namespace.
 pub fn get(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
-    let mut stream = TcpStream::connect_timeout(&addr.into(), timeout).with_context(|| format!("connecting to {addr}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr.into(), timeout).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
@@ -52,7 +53,10 @@ mod tests {
 
     #[test]
     fn parses_the_servers_answer() {
-        let reply = parse_reply("Request processed by \"kiada-1\" on node \"node-a\". Client IP: 198.18.0.100:40000\n").unwrap();
+        let reply = parse_reply(
+            "Request processed by \"kiada-1\" on node \"node-a\". Client IP: 198.18.0.100:40000\n",
+        )
+        .unwrap();
         assert_eq!(reply.pod, "kiada-1");
         assert_eq!(reply.node, "node-a");
         assert_eq!(reply.client, "198.18.0.100:40000".parse().unwrap());

@@ -78,8 +78,14 @@ pub fn up_with_agents() -> anyhow::Result<Testbed> {
 }
 
 /// `count` short requests from the external client to `target`, one connection each.
-pub fn requests_from_client(tb: &Testbed, target: SocketAddrV4, count: usize) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
-    netns::within(&tb.client, move || (0..count).map(|_| kiada::get(target, Duration::from_secs(2))).collect())
+pub fn requests_from_client(
+    tb: &Testbed,
+    target: SocketAddrV4,
+    count: usize,
+) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
+    netns::within(&tb.client, move || {
+        (0..count).map(|_| kiada::get(target, Duration::from_secs(2))).collect()
+    })
 }
 
 /// How many answers each pod gave.

@@ -78,7 +78,8 @@ fn pod_gateway(node: usize) -> Ipv4Addr {
     Ipv4Addr::new(198, 18, 1 + node as u8, 1)
 }
 fn run_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
     format!("{:06x}", (std::process::id() ^ nanos) & 0xff_ffff)
 }
 
@@ -155,7 +156,20 @@ impl Testbed {
 
     /// Joins `ns` to the fabric bridge with `eth0` at `ip`/24.
     fn plug_into_fabric(&self, ns: &str, port: &str, ip: Ipv4Addr) -> anyhow::Result<()> {
-        netns::ip(&["-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", &self.fabric])?;
+        netns::ip(&[
+            "-n",
+            ns,
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            port,
+            "netns",
+            &self.fabric,
+        ])?;
         netns::ip(&["-n", &self.fabric, "link", "set", port, "master", "br0", "up"])?;
         netns::ip(&["-n", ns, "addr", "add", &format!("{ip}/{FABRIC_PREFIX}"), "dev", "eth0"])?;
         netns::ip(&["-n", ns, "link", "set", "eth0", "up"])?;
@@ -174,12 +188,24 @@ impl Testbed {
         let gateway = pod_gateway(node).to_string();
         let veth = format!("pod{index}");
         self.add_ns(&pod.ns)?;
-        netns::ip(&["-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.ns])?;
+        netns::ip(&[
+            "-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.ns,
+        ])?;
         // Routed pod network: the node answers as the gateway on every pod veth, and a /32
         // route per pod points at its veth.
         netns::ip(&["-n", &node_ns, "addr", "add", &format!("{gateway}/32"), "dev", &veth])?;
         netns::ip(&["-n", &node_ns, "link", "set", &veth, "up"])?;
-        netns::ip(&["-n", &node_ns, "route", "add", &format!("{}/32", pod.ip), "dev", &veth, "src", &gateway])?;
+        netns::ip(&[
+            "-n",
+            &node_ns,
+            "route",
+            "add",
+            &format!("{}/32", pod.ip),
+            "dev",
+            &veth,
+            "src",
+            &gateway,
+        ])?;
         netns::ip(&["-n", &pod.ns, "addr", "add", &format!("{}/32", pod.ip), "dev", "eth0"])?;
         netns::ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
         netns::ip(&["-n", &pod.ns, "route", "add", &gateway, "dev", "eth0"])?;
@@ -242,7 +268,12 @@ impl Testbed {
 
     /// Waits until node `i`'s agent has programmed every frontend in `keys`, or fails after
     /// `timeout` (the agent exited or never got there).
-    pub fn wait_programmed(&mut self, i: usize, keys: &[ServiceKey], timeout: Duration) -> anyhow::Result<()> {
+    pub fn wait_programmed(
+        &mut self,
+        i: usize,
+        keys: &[ServiceKey],
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         let path = self.nodes[i].bpffs_dir.join(lb_common::maps::SERVICES);
         loop {
@@ -323,7 +354,9 @@ fn full_checksums(ns: &str, dev: &str) -> anyhow::Result<()> {
 }
 
 /// The pinned service map of an agent.
-pub fn services_map(path: &Path) -> anyhow::Result<aya::maps::HashMap<aya::maps::MapData, ServiceKey, ServiceValue>> {
+pub fn services_map(
+    path: &Path,
+) -> anyhow::Result<aya::maps::HashMap<aya::maps::MapData, ServiceKey, ServiceValue>> {
     let map = aya::maps::MapData::from_pin(path)?;
     Ok(aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map))?)
 }

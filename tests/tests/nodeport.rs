@@ -23,15 +23,26 @@ fn netfilter_nat_rules(ns: &str) -> Vec<String> {
 fn nodeport_balances_across_nodes_and_stops_without_xlb() {
     let mut tb = scenario::up_with_agents().expect("cluster with agents");
     for node in &tb.nodes {
-        assert_eq!(netfilter_nat_rules(&node.ns), Vec::<String>::new(), "{} must have no netfilter NAT", node.name);
+        assert_eq!(
+            netfilter_nat_rules(&node.ns),
+            Vec::<String>::new(),
+            "{} must have no netfilter NAT",
+            node.name
+        );
     }
 
     for (i, node) in tb.nodes.iter().enumerate() {
         for (port_name, _, _, node_port) in scenario::PORTS {
             let target = SocketAddrV4::new(node.ip, node_port);
             let replies = scenario::requests_from_client(&tb, target, REQUESTS).expect("client namespace");
-            let failures: Vec<String> = replies.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
-            assert!(failures.is_empty(), "{target} ({port_name}): {} of {REQUESTS} failed, first: {:?}", failures.len(), failures.first());
+            let failures: Vec<String> =
+                replies.iter().filter_map(|r| r.as_ref().err()).map(|e| format!("{e:#}")).collect();
+            assert!(
+                failures.is_empty(),
+                "{target} ({port_name}): {} of {REQUESTS} failed, first: {:?}",
+                failures.len(),
+                failures.first()
+            );
 
             let by_pod = scenario::tally(&replies);
             println!("{} {target}: {by_pod:?}", node.name);
@@ -44,11 +55,26 @@ fn nodeport_balances_across_nodes_and_stops_without_xlb() {
                 // Pods on the node the client addressed see the client itself; pods on the
                 // other node see that node's address (SNAT), so their replies return through it.
                 if pod.node == i {
-                    assert_eq!(reply.client.ip(), tb.client_ip, "{}: local pod {} must see the client", target, pod.name);
+                    assert_eq!(
+                        reply.client.ip(),
+                        tb.client_ip,
+                        "{}: local pod {} must see the client",
+                        target,
+                        pod.name
+                    );
                 } else {
-                    assert_eq!(reply.client.ip(), node.ip, "{}: remote pod {} must see the node address", target, pod.name);
+                    assert_eq!(
+                        reply.client.ip(),
+                        node.ip,
+                        "{}: remote pod {} must see the node address",
+                        target,
+                        pod.name
+                    );
                     let port = reply.client.port();
-                    assert!(port >= lb_common::config::SNAT_PORT_MIN, "SNAT port {port} outside the SNAT range");
+                    assert!(
+                        port >= lb_common::config::SNAT_PORT_MIN,
+                        "SNAT port {port} outside the SNAT range"
+                    );
                 }
             }
         }

@@ -127,7 +127,14 @@ impl Harness {
 
     /// The SNAT source the egress program will use for the DNATed tuple `client → backend`.
     fn snat_source(&self, client: SocketAddrV4, backend: SocketAddrV4) -> SocketAddrV4 {
-        let key = CtKey::new(*client.ip(), client.port(), *backend.ip(), backend.port(), proto::TCP, NAT_DIR_EGRESS);
+        let key = CtKey::new(
+            *client.ip(),
+            client.port(),
+            *backend.ip(),
+            backend.port(),
+            proto::TCP,
+            NAT_DIR_EGRESS,
+        );
         let entry = self.nat.get(&key, 0).expect("SNAT binding");
         SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.addr)), u16::from_be(entry.port))
     }
@@ -137,7 +144,12 @@ impl Harness {
 fn assert_frame(what: &str, (verdict, out): (u32, Vec<u8>), want_verdict: u32, want: &[u8]) {
     assert_eq!(verdict, want_verdict, "{what}: verdict");
     let first_diff = out.iter().zip(want).position(|(a, b)| a != b);
-    assert!(out == want, "{what}: frame differs at byte {first_diff:?} (len {} vs {})\n got {out:02x?}\nwant {want:02x?}", out.len(), want.len());
+    assert!(
+        out == want,
+        "{what}: frame differs at byte {first_diff:?} (len {} vs {})\n got {out:02x?}\nwant {want:02x?}",
+        out.len(),
+        want.len()
+    );
 }
 
 /// A new TCP connection to a NodePort whose endpoint is on this node is DNATed to the pod
@@ -145,8 +157,18 @@ fn assert_frame(what: &str, (verdict, out): (u32, Vec<u8>), want_verdict: u32, w
 #[test]
 fn xdp_dnats_new_and_established_connections_to_a_local_backend() {
     let h = Harness::new();
-    assert_frame("SYN", h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN)), XDP_PASS, &frame::tcp(CLIENT, POD_A, SYN));
-    assert_frame("ACK", h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, ACK)), XDP_PASS, &frame::tcp(CLIENT, POD_A, ACK));
+    assert_frame(
+        "SYN",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN)),
+        XDP_PASS,
+        &frame::tcp(CLIENT, POD_A, SYN),
+    );
+    assert_frame(
+        "ACK",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, ACK)),
+        XDP_PASS,
+        &frame::tcp(CLIENT, POD_A, ACK),
+    );
 }
 
 /// The local endpoint's reply leaves through TC egress with the NodePort as its source.
@@ -154,7 +176,12 @@ fn xdp_dnats_new_and_established_connections_to_a_local_backend() {
 fn tc_egress_restores_the_frontend_on_replies_of_a_local_backend() {
     let h = Harness::new();
     h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN));
-    assert_frame("SYN-ACK", h.run(Hook::TcEgress, &frame::tcp(POD_A, CLIENT, SYN | ACK)), TC_ACT_OK, &frame::tcp(NP_LOCAL, CLIENT, SYN | ACK));
+    assert_frame(
+        "SYN-ACK",
+        h.run(Hook::TcEgress, &frame::tcp(POD_A, CLIENT, SYN | ACK)),
+        TC_ACT_OK,
+        &frame::tcp(NP_LOCAL, CLIENT, SYN | ACK),
+    );
 }
 
 /// A connection balanced to an endpoint on another node: XDP DNATs it (the kernel then
@@ -164,20 +191,45 @@ fn tc_egress_restores_the_frontend_on_replies_of_a_local_backend() {
 #[test]
 fn remote_backend_round_trip_through_snat() {
     let h = Harness::new();
-    assert_frame("XDP SYN", h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_REMOTE, SYN)), XDP_PASS, &frame::tcp(CLIENT, POD_B, SYN));
+    assert_frame(
+        "XDP SYN",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_REMOTE, SYN)),
+        XDP_PASS,
+        &frame::tcp(CLIENT, POD_B, SYN),
+    );
     let snat = h.snat_source(CLIENT, POD_B);
     assert_eq!(*snat.ip(), NODE_A);
     assert!((SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&snat.port()), "SNAT port {}", snat.port());
-    assert_frame("egress SYN", h.run(Hook::TcEgress, &frame::tcp(CLIENT, POD_B, SYN)), TC_ACT_OK, &frame::tcp(snat, POD_B, SYN));
-    assert_frame("XDP SYN-ACK", h.run(Hook::XdpIngress, &frame::tcp(POD_B, snat, SYN | ACK)), XDP_PASS, &frame::tcp(POD_B, CLIENT, SYN | ACK));
-    assert_frame("egress SYN-ACK", h.run(Hook::TcEgress, &frame::tcp(POD_B, CLIENT, SYN | ACK)), TC_ACT_OK, &frame::tcp(NP_REMOTE, CLIENT, SYN | ACK));
+    assert_frame(
+        "egress SYN",
+        h.run(Hook::TcEgress, &frame::tcp(CLIENT, POD_B, SYN)),
+        TC_ACT_OK,
+        &frame::tcp(snat, POD_B, SYN),
+    );
+    assert_frame(
+        "XDP SYN-ACK",
+        h.run(Hook::XdpIngress, &frame::tcp(POD_B, snat, SYN | ACK)),
+        XDP_PASS,
+        &frame::tcp(POD_B, CLIENT, SYN | ACK),
+    );
+    assert_frame(
+        "egress SYN-ACK",
+        h.run(Hook::TcEgress, &frame::tcp(POD_B, CLIENT, SYN | ACK)),
+        TC_ACT_OK,
+        &frame::tcp(NP_REMOTE, CLIENT, SYN | ACK),
+    );
 }
 
 /// A pod reaching a ClusterIP is DNATed at its veth's TC ingress, keeping its own source.
 #[test]
 fn tc_ingress_dnats_pod_to_cluster_ip() {
     let h = Harness::new();
-    assert_frame("SYN", h.run(Hook::TcIngress, &frame::tcp(POD_A2, CIP_LOCAL, SYN)), TC_ACT_OK, &frame::tcp(POD_A2, POD_A, SYN));
+    assert_frame(
+        "SYN",
+        h.run(Hook::TcIngress, &frame::tcp(POD_A2, CIP_LOCAL, SYN)),
+        TC_ACT_OK,
+        &frame::tcp(POD_A2, POD_A, SYN),
+    );
 }
 
 /// UDP is translated with its checksum updated at both hooks; a datagram without a
@@ -185,11 +237,26 @@ fn tc_ingress_dnats_pod_to_cluster_ip() {
 #[test]
 fn udp_checksums_are_updated_or_left_absent() {
     let h = Harness::new();
-    assert_frame("XDP", h.run(Hook::XdpIngress, &frame::udp(POD_A2, CIP_LOCAL_DNS, true)), XDP_PASS, &frame::udp(POD_A2, POD_A_DNS, true));
+    assert_frame(
+        "XDP",
+        h.run(Hook::XdpIngress, &frame::udp(POD_A2, CIP_LOCAL_DNS, true)),
+        XDP_PASS,
+        &frame::udp(POD_A2, POD_A_DNS, true),
+    );
     let other = SocketAddrV4::new(*POD_A2.ip(), 45001);
-    assert_frame("TC", h.run(Hook::TcIngress, &frame::udp(other, CIP_LOCAL_DNS, true)), TC_ACT_OK, &frame::udp(other, POD_A_DNS, true));
+    assert_frame(
+        "TC",
+        h.run(Hook::TcIngress, &frame::udp(other, CIP_LOCAL_DNS, true)),
+        TC_ACT_OK,
+        &frame::udp(other, POD_A_DNS, true),
+    );
     let third = SocketAddrV4::new(*POD_A2.ip(), 45002);
-    assert_frame("XDP no checksum", h.run(Hook::XdpIngress, &frame::udp(third, CIP_LOCAL_DNS, false)), XDP_PASS, &frame::udp(third, POD_A_DNS, false));
+    assert_frame(
+        "XDP no checksum",
+        h.run(Hook::XdpIngress, &frame::udp(third, CIP_LOCAL_DNS, false)),
+        XDP_PASS,
+        &frame::udp(third, POD_A_DNS, false),
+    );
 }
 
 /// A Service without endpoints drops new connections instead of passing them to the node.

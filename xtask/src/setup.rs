@@ -32,11 +32,20 @@ fn require_root() -> anyhow::Result<()> {
 }
 
 fn nightly_rust_src() -> anyhow::Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
+    let installed =
+        output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]));
     match installed {
         None => {
             step("installing the nightly toolchain with rust-src (eBPF builds need -Z build-std)");
-            run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))
+            run(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "rust-src",
+            ]))
         }
         Some(list) if !list.lines().any(|l| l.starts_with("rust-src")) => {
             step("adding rust-src to the nightly toolchain");
@@ -56,7 +65,11 @@ fn bpf_linker() -> anyhow::Result<()> {
         return Ok(());
     }
     step(&format!("installing bpf-linker {BPF_LINKER_VERSION} (cargo install, about a minute)"));
-    run(Command::new(env!("CARGO")).args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"]))
+    run(Command::new(env!("CARGO")).args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+    ]))
 }
 
 fn debian_packages() -> anyhow::Result<()> {
@@ -64,7 +77,8 @@ fn debian_packages() -> anyhow::Result<()> {
         .iter()
         .copied()
         .filter(|p| {
-            let status = output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).unwrap_or_default();
+            let status =
+                output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).unwrap_or_default();
             !status.contains("install ok installed")
         })
         .collect();

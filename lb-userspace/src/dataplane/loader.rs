@@ -85,9 +85,7 @@ pub struct Dataplane {
 
 fn loader<'a>(conntrack_size: u32) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(maps::CONNTRACK, conntrack_size)
-        .map_max_entries(maps::NAT, conntrack_size);
+    loader.map_max_entries(maps::CONNTRACK, conntrack_size).map_max_entries(maps::NAT, conntrack_size);
     loader
 }
 
@@ -117,7 +115,8 @@ impl Dataplane {
 
     fn load_programs(&mut self) -> Result<()> {
         let xdp: &mut Xdp = self.program_mut(Hook::XdpIngress)?;
-        xdp.load().map_err(|source| DataplaneError::Program { program: Hook::XdpIngress.program(), source })?;
+        xdp.load()
+            .map_err(|source| DataplaneError::Program { program: Hook::XdpIngress.program(), source })?;
         for hook in [Hook::TcIngress, Hook::TcEgress] {
             let tc: &mut SchedClassifier = self.program_mut(hook)?;
             tc.load().map_err(|source| DataplaneError::Program { program: hook.program(), source })?;
@@ -130,10 +129,10 @@ impl Dataplane {
         &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
         let name = hook.program();
-        let program = self.ebpf.program_mut(name).ok_or(DataplaneError::Program {
-            program: name,
-            source: ProgramError::NotLoaded,
-        })?;
+        let program = self
+            .ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Program { program: name, source: ProgramError::NotLoaded })?;
         program.try_into().map_err(|source| DataplaneError::Program { program: name, source })
     }
 
@@ -175,7 +174,8 @@ impl Dataplane {
                 FdLink::try_from(link).map_err(|e| attach_err(e.into()))?
             }
             Hook::TcIngress | Hook::TcEgress => {
-                let attach_type = if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
+                let attach_type =
+                    if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
                 let tc: &mut SchedClassifier = self.program_mut(hook)?;
                 let id = tc.attach(interface, attach_type).map_err(|e| attach_err(e.into()))?;
                 let link = tc.take_link(id).map_err(|e| attach_err(e.into()))?;
@@ -186,7 +186,11 @@ impl Dataplane {
         Ok(())
     }
 
-    fn replace_in_link(&mut self, hook: Hook, link: FdLink) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    fn replace_in_link(
+        &mut self,
+        hook: Hook,
+        link: FdLink,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         match hook {
             Hook::XdpIngress => {
                 let xdp: &mut Xdp = self.program_mut(hook)?;

@@ -110,7 +110,8 @@ impl MapWriter {
                 (*key, value)
             })
             .collect();
-        let group_of = |id: u32| ids.iter().find(|(_, v)| **v == id).map_or("?", |(k, _)| k.as_str()).to_string();
+        let group_of =
+            |id: u32| ids.iter().find(|(_, v)| **v == id).map_or("?", |(k, _)| k.as_str()).to_string();
 
         let mut report = SyncReport {
             frontends: target_frontends.len(),
@@ -129,7 +130,11 @@ impl MapWriter {
                 }
                 Err(e) => {
                     broken_groups.insert(key.group_id);
-                    report.failures.push(format!("{}: backend slot {}: {e}", group_of(key.group_id), key.slot));
+                    report.failures.push(format!(
+                        "{}: backend slot {}: {e}",
+                        group_of(key.group_id),
+                        key.slot
+                    ));
                 }
             }
         }
@@ -138,7 +143,12 @@ impl MapWriter {
                 continue;
             }
             if broken_groups.contains(&value.group_id) {
-                report.failures.push(format!("{}: frontend {}:{} left as it was: backends incomplete", group_of(value.group_id), key.ip(), key.host_port()));
+                report.failures.push(format!(
+                    "{}: frontend {}:{} left as it was: backends incomplete",
+                    group_of(value.group_id),
+                    key.ip(),
+                    key.host_port()
+                ));
                 continue;
             }
             match self.services.insert(key, value, 0) {
@@ -146,17 +156,25 @@ impl MapWriter {
                     self.frontends.insert(*key, *value);
                     report.written += 1;
                 }
-                Err(e) => report.failures.push(format!("{}: frontend {}:{}: {e}", group_of(value.group_id), key.ip(), key.host_port())),
+                Err(e) => report.failures.push(format!(
+                    "{}: frontend {}:{}: {e}",
+                    group_of(value.group_id),
+                    key.ip(),
+                    key.host_port()
+                )),
             }
         }
-        let stale_frontends: Vec<ServiceKey> = self.frontends.keys().filter(|k| !target_frontends.contains_key(k)).copied().collect();
+        let stale_frontends: Vec<ServiceKey> =
+            self.frontends.keys().filter(|k| !target_frontends.contains_key(k)).copied().collect();
         for key in stale_frontends {
             match self.services.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
                     self.frontends.remove(&key);
                     report.deleted += 1;
                 }
-                Err(e) => report.failures.push(format!("removing frontend {}:{}: {e}", key.ip(), key.host_port())),
+                Err(e) => {
+                    report.failures.push(format!("removing frontend {}:{}: {e}", key.ip(), key.host_port()))
+                }
             }
         }
         // Slots still read by a frontend that could not be moved stay.
@@ -176,10 +194,13 @@ impl MapWriter {
                     self.slots.remove(&key);
                     report.deleted += 1;
                 }
-                Err(e) => report.failures.push(format!("removing backend slot {}/{}: {e}", key.group_id, key.slot)),
+                Err(e) => {
+                    report.failures.push(format!("removing backend slot {}/{}: {e}", key.group_id, key.slot))
+                }
             }
         }
-        let node_config = NodeConfig { snat_addr: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()), _pad: 0 };
+        let node_config =
+            NodeConfig { snat_addr: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()), _pad: 0 };
         if node_config != self.node_config {
             match self.config.set(0, node_config, 0) {
                 Ok(()) => {

@@ -43,7 +43,8 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Status => {
-            let namespaces: Vec<_> = netns::list().into_iter().filter(|n| n.starts_with(testbed::PREFIX)).collect();
+            let namespaces: Vec<_> =
+                netns::list().into_iter().filter(|n| n.starts_with(testbed::PREFIX)).collect();
             let pins = testbed::list_prefixed(std::path::Path::new("/sys/fs/bpf"));
             if namespaces.is_empty() && pins.is_empty() {
                 println!("no testbed is up");
@@ -82,7 +83,10 @@ fn demo(keep: bool) -> anyhow::Result<()> {
             println!("\n-- 6 requests from the client to {} ({target})", node.name);
             for reply in scenario::requests_from_client(&tb, target, 6)? {
                 match reply {
-                    Ok(r) => println!("   answered by {:8} on {}  (the pod saw client {})", r.pod, r.node, r.client),
+                    Ok(r) => println!(
+                        "   answered by {:8} on {}  (the pod saw client {})",
+                        r.pod, r.node, r.client
+                    ),
                     Err(e) => println!("   FAILED: {e:#}"),
                 }
             }
@@ -90,11 +94,25 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
     for node in &tb.nodes {
         println!("\n== BPF maps of {} (bpftool map dump pinned ...)", node.name);
-        for map in [lb_common::maps::SERVICES, lb_common::maps::BACKENDS, lb_common::maps::CONNTRACK, lb_common::maps::NAT] {
+        for map in [
+            lb_common::maps::SERVICES,
+            lb_common::maps::BACKENDS,
+            lb_common::maps::CONNTRACK,
+            lb_common::maps::NAT,
+        ] {
             let path = node.bpffs_dir.join(map);
-            let out = Command::new("bpftool").args(["-j", "map", "dump", "pinned"]).arg(&path).output().context("running bpftool")?;
+            let out = Command::new("bpftool")
+                .args(["-j", "map", "dump", "pinned"])
+                .arg(&path)
+                .output()
+                .context("running bpftool")?;
             let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            println!("-- bpftool map dump pinned {} ({} entries{})", path.display(), entries.len(), if entries.len() > 12 { ", first 12" } else { "" });
+            println!(
+                "-- bpftool map dump pinned {} ({} entries{})",
+                path.display(),
+                entries.len(),
+                if entries.len() > 12 { ", first 12" } else { "" }
+            );
             for entry in entries.iter().take(12) {
                 // `formatted` is the BTF-decoded entry, with field names.
                 let decoded = entry.get("formatted").unwrap_or(entry);
