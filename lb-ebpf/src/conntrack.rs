@@ -2,7 +2,7 @@
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     conntrack::{
-        ct_timeout_ns, CtEntry, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_ESTABLISHED,
+        ct_timeout_ns, CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_ESTABLISHED,
         CT_STATE_FIN, CT_STATE_OTHER, CT_STATE_SYN_SENT,
     },
     proto,
@@ -46,21 +46,81 @@ fn is_reopen(flow: &Flow, state: u8) -> bool {
         && (state == CT_STATE_FIN || state == CT_STATE_CLOSED)
 }
 
-/// Looks up the live entry for `flow` in direction `dir` and marks it used.
+#[inline(always)]
+fn fresh(entry: &CtEntry, proto: u8, now: u64) -> bool {
+    now.saturating_sub(entry.last_seen_ns) <= ct_timeout_ns(proto, entry.state)
+}
+
+/// The other half of the connection whose `dir` entry for `flow` is `entry`: forward
+/// (client → frontend, translated to the backend) and reply (backend → client, translated
+/// to the frontend) name each other.
+#[inline(always)]
+fn partner_key(flow: &Flow, dir: u8, entry: &CtEntry) -> CtKey {
+    let mut key = flow.key(if dir == CT_DIR_FORWARD { CT_DIR_REPLY } else { CT_DIR_FORWARD });
+    if dir == CT_DIR_FORWARD {
+        (key.saddr, key.sport, key.daddr, key.dport) =
+            (entry.nat_addr, entry.nat_port, flow.saddr, flow.sport);
+    } else {
+        (key.saddr, key.sport, key.daddr, key.dport) =
+            (flow.daddr, flow.dport, entry.nat_addr, entry.nat_port);
+    }
+    key
+}
+
+#[inline(always)]
+fn key_fresh(key: &CtKey, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    unsafe { XLB_CONNTRACK.get(key) }.is_some_and(|e| fresh(e, key.proto, now))
+}
+
+/// Looks up the live entry for `flow` in direction `dir` and marks it used. A connection
+/// lives while either half has seen traffic within its timeout (a backend may be silent for
+/// long, a client too), and a FIN or RST closes both halves.
 #[inline(always)]
 fn touch(flow: &Flow, dir: u8, now: u64) -> Option<Translation> {
     let entry = XLB_CONNTRACK.get_ptr_mut(flow.key(dir))?;
     // SAFETY: a map value pointer, valid for this program run; racing writers only ever
     // store whole fields, and a torn timestamp merely shortens or extends one idle period.
     let entry = unsafe { &mut *entry };
-    if now.saturating_sub(entry.last_seen_ns) > ct_timeout_ns(flow.proto, entry.state)
-        || is_reopen(flow, entry.state)
-    {
+    if is_reopen(flow, entry.state) {
+        return None;
+    }
+    let partner = partner_key(flow, dir, entry);
+    if !fresh(entry, flow.proto, now) && !key_fresh(&partner, now) {
         return None;
     }
     entry.state = next_state(flow, entry.state);
     entry.last_seen_ns = now;
+    if flow.has(TCP_FIN) || flow.has(TCP_RST) {
+        if let Some(other) = XLB_CONNTRACK.get_ptr_mut(partner) {
+            // SAFETY: as above.
+            let other = unsafe { &mut *other };
+            other.state = next_state(flow, other.state);
+        }
+    }
     Some(Translation { addr: entry.nat_addr, port: entry.nat_port })
+}
+
+/// Whether the connection whose reply tuple is `reply` (backend → client) is still live:
+/// decides when a SNAT port bound to it may be taken by another connection.
+#[inline(always)]
+pub fn reply_alive(reply: &CtKey, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    let Some(entry) = (unsafe { XLB_CONNTRACK.get(reply) }).copied() else {
+        return false;
+    };
+    if fresh(&entry, reply.proto, now) {
+        return true;
+    }
+    let forward = CtKey {
+        saddr: reply.daddr,
+        sport: reply.dport,
+        daddr: entry.nat_addr,
+        dport: entry.nat_port,
+        dir: CT_DIR_FORWARD,
+        ..*reply
+    };
+    key_fresh(&forward, now)
 }
 
 /// The backend of an established connection, for a packet from the client.

@@ -6,12 +6,12 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
-    conntrack::{ct_timeout_ns, CtKey, CT_STATE_ESTABLISHED},
+    conntrack::{ct_timeout_ns, CtKey, CT_DIR_REPLY, CT_STATE_ESTABLISHED},
     nat::{NatEntry, NAT_DIR_EGRESS, NAT_DIR_INGRESS},
 };
 
 use crate::{
-    conntrack::Translation,
+    conntrack::{self, Translation},
     maps::{XLB_CONFIG, XLB_NAT},
     parse::Flow,
 };
@@ -33,6 +33,11 @@ fn touch(flow: &Flow, dir: u8, now: u64) -> Option<Translation> {
 /// For a reply from a backend to the SNAT address and port: the client it belongs to.
 #[inline(always)]
 pub fn lookup_ingress(flow: &Flow, now: u64) -> Option<Translation> {
+    // Only SNAT ports can be bound: spares every other packet a lookup.
+    let port = u16::from_be(flow.dport);
+    if !(SNAT_PORT_MIN..=SNAT_PORT_MAX).contains(&port) {
+        return None;
+    }
     touch(flow, NAT_DIR_INGRESS, now)
 }
 
@@ -70,11 +75,28 @@ pub fn create(flow: &Flow, backend: Translation, now: u64) -> Option<()> {
             _pad: 0,
         };
         let client = NatEntry { addr: flow.saddr, port: flow.sport, _pad: 0, last_seen_ns: now };
-        // NOEXIST: the port is taken if another connection to this backend holds it.
-        if XLB_NAT.insert(ingress_key, client, BPF_NOEXIST as u64).is_ok() {
-            let snat = NatEntry { addr: snat_addr, port, _pad: 0, last_seen_ns: now };
-            return XLB_NAT.insert(egress_key, snat, BPF_ANY as u64).ok();
+        // NOEXIST: the port is taken if another connection to this backend holds it...
+        if XLB_NAT.insert(ingress_key, client, BPF_NOEXIST as u64).is_err() {
+            // ...unless that connection is over: then its binding is taken over.
+            if bound_connection_alive(&ingress_key, now) {
+                continue;
+            }
+            XLB_NAT.insert(ingress_key, client, BPF_ANY as u64).ok()?;
         }
+        let snat = NatEntry { addr: snat_addr, port, _pad: 0, last_seen_ns: now };
+        return XLB_NAT.insert(egress_key, snat, BPF_ANY as u64).ok();
     }
     None
+}
+
+/// Whether the connection holding the SNAT binding `ingress_key` (backend → SNAT address
+/// and port) is still live, judged by conntrack's state and timeouts.
+#[inline(always)]
+fn bound_connection_alive(ingress_key: &CtKey, now: u64) -> bool {
+    // SAFETY: copied out at once.
+    let Some(client) = (unsafe { XLB_NAT.get(ingress_key) }).copied() else {
+        return false;
+    };
+    let reply = CtKey { daddr: client.addr, dport: client.port, dir: CT_DIR_REPLY, ..*ingress_key };
+    conntrack::reply_alive(&reply, now)
 }

@@ -109,22 +109,30 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Flow> {
     }
     let proto: u8 = read(pkt, l3 + 9)?;
     let l4 = l3 + ihl;
-    let tcp_flags = match proto {
-        proto::TCP => {
-            if total_len < ihl + TCP_MIN_LEN {
-                return None;
-            }
-            read::<u8, P>(pkt, l4 + TCP_FLAGS_OFF)?
-        }
-        proto::UDP => {
-            if total_len < ihl + UDP_LEN {
-                return None;
-            }
-            // Makes sure the whole UDP header (with its checksum) is in the packet.
-            read::<u16, P>(pkt, l4 + UDP_CSUM_OFF)?;
-            0
-        }
+    // The whole fixed TCP/UDP header (checksum included) must be in the packet before any
+    // state is made; ports and flags are read through that one checked pointer.
+    let (min_len, flags_off) = match proto {
+        proto::TCP => (TCP_MIN_LEN, Some(TCP_FLAGS_OFF)),
+        proto::UDP => (UDP_LEN, None),
         _ => return None,
+    };
+    if total_len < ihl + min_len {
+        return None;
+    }
+    let header = ptr_at::<[u8; TCP_MIN_LEN], P>(pkt, l4).map(|p| p as *const u8);
+    let header = match (header, proto) {
+        (Some(h), _) => h,
+        // A UDP header is shorter than the TCP one: check only its 8 bytes.
+        (None, proto::UDP) => ptr_at::<[u8; UDP_LEN], P>(pkt, l4)? as *const u8,
+        (None, _) => return None,
+    };
+    // SAFETY: `header` points at at least `min_len` checked bytes; all offsets are below it.
+    let (sport, dport, tcp_flags) = unsafe {
+        (
+            header.add(L4_SPORT_OFF).cast::<u16>().read_unaligned(),
+            header.add(L4_DPORT_OFF).cast::<u16>().read_unaligned(),
+            flags_off.map_or(0, |off| header.add(off).read()),
+        )
     };
     Some(Flow {
         l3,
@@ -133,7 +141,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Flow> {
         tcp_flags,
         saddr: read(pkt, l3 + IP_SADDR_OFF)?,
         daddr: read(pkt, l3 + IP_DADDR_OFF)?,
-        sport: read(pkt, l4 + L4_SPORT_OFF)?,
-        dport: read(pkt, l4 + L4_DPORT_OFF)?,
+        sport,
+        dport,
     })
 }

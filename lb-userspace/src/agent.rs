@@ -84,7 +84,13 @@ fn attach_pod_interfaces(
         Ok(names) => names,
         Err(e) => return tracing::warn!(error = %e, "listing interfaces"),
     };
-    // Interfaces that went away (a deleted pod) are forgotten, so a new one of that name is attached.
+    // Interfaces that went away (a deleted pod) are forgotten, their pins removed, so a new
+    // interface of that name is attached afresh.
+    for gone in attached.iter().filter(|n| !names.contains(n)) {
+        if let Err(e) = dataplane.forget_interface(gone) {
+            tracing::warn!(interface = %gone, error = %e, "removing links of a vanished interface");
+        }
+    }
     attached.retain(|n| names.contains(n));
     let new: Vec<String> =
         names.into_iter().filter(|n| pattern.matches(n) && !attached.contains(n)).collect();

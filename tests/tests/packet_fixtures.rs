@@ -10,9 +10,9 @@ use aya::{
 };
 use lb_common::{
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN},
-    conntrack::{CtEntry, CtKey},
+    conntrack::{CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_ESTABLISHED},
     maps,
-    nat::{NatEntry, NAT_DIR_EGRESS},
+    nat::{NatEntry, NAT_DIR_EGRESS, NAT_DIR_INGRESS},
     proto,
 };
 use lb_userspace::{
@@ -93,7 +93,8 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
-        let mut dp = Dataplane::load_unpinned(1024).expect("load programs (needs root)");
+        // Room for every SNAT port of one backend, twice (see the SNAT exhaustion tests).
+        let mut dp = Dataplane::load_unpinned(16_384).expect("load programs (needs root)");
         let mut writer = MapWriter::open(&mut dp).expect("maps");
         let mut store = Store::default();
         for object in manifests::parse_str(CLUSTER).expect("fixture YAML").objects {
@@ -137,6 +138,44 @@ impl Harness {
         );
         let entry = self.nat.get(&key, 0).expect("SNAT binding");
         SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.addr)), u16::from_be(entry.port))
+    }
+}
+
+/// `bpf_ktime_get_ns()` as seen from user space.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn be(addr: SocketAddrV4) -> (u32, u16) {
+    (u32::from(*addr.ip()).to_be(), addr.port().to_be())
+}
+
+/// Binds every SNAT port towards `POD_B` to another client; with `live`, each of those
+/// connections also has a fresh conntrack reply entry.
+fn bind_every_snat_port(h: &mut Harness, live: bool) {
+    let now = monotonic_ns();
+    for (i, port) in (SNAT_PORT_MIN..=SNAT_PORT_MAX).enumerate() {
+        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), 1024 + i as u16);
+        let (addr, cport) = be(client);
+        let ingress = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, port, proto::TCP, NAT_DIR_INGRESS);
+        h.nat.insert(ingress, NatEntry { addr, port: cport, _pad: 0, last_seen_ns: now }, 0).unwrap();
+        if live {
+            let reply =
+                CtKey::new(*POD_B.ip(), POD_B.port(), *client.ip(), client.port(), proto::TCP, CT_DIR_REPLY);
+            let (fa, fp) = be(NP_REMOTE);
+            let entry = CtEntry {
+                nat_addr: fa,
+                nat_port: fp,
+                state: CT_STATE_ESTABLISHED,
+                _pad: 0,
+                created_ns: now,
+                last_seen_ns: now,
+            };
+            h.conntrack.insert(reply, entry, 0).unwrap();
+        }
     }
 }
 
@@ -302,6 +341,7 @@ fn hostile_frames_pass_unchanged_and_write_nothing() {
     ipv6_version[offset::IP_VER_IHL] = 0x65;
     cases.push(("version 6 in an IPv4 ethertype", ipv6_version, true));
     cases.push(("TCP header cut short", valid[..offset::L4 + 10].to_vec(), true));
+    cases.push(("TCP header cut before its checksum", valid[..offset::L4 + 16].to_vec(), true));
     let mut short_total = valid.clone();
     short_total[offset::IP_TOTAL_LEN..offset::IP_TOTAL_LEN + 2].copy_from_slice(&24u16.to_be_bytes());
     cases.push(("total length below the headers", short_total, true));
@@ -320,4 +360,55 @@ fn hostile_frames_pass_unchanged_and_write_nothing() {
         }
     }
     assert_eq!(h.entries(), 0, "hostile frames must not create conntrack or NAT entries");
+}
+
+/// A SNAT port held by a connection that is over (no live conntrack entry) is taken over by a
+/// new connection: closed connections do not exhaust the SNAT range.
+#[test]
+fn snat_ports_of_finished_connections_are_reused() {
+    let mut h = Harness::new();
+    bind_every_snat_port(&mut h, false);
+    assert_frame(
+        "SYN",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_REMOTE, SYN)),
+        XDP_PASS,
+        &frame::tcp(CLIENT, POD_B, SYN),
+    );
+    let snat = h.snat_source(CLIENT, POD_B);
+    let ingress = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, snat.port(), proto::TCP, NAT_DIR_INGRESS);
+    let bound = h.nat.get(&ingress, 0).expect("ingress binding");
+    assert_eq!(bound.addr, be(CLIENT).0, "the taken-over port now leads back to the new client");
+}
+
+/// When every SNAT port is held by a live connection, a new connection needing SNAT is
+/// dropped rather than sent with a source its reply could not find.
+#[test]
+fn new_connection_is_dropped_when_every_snat_port_is_live() {
+    let mut h = Harness::new();
+    bind_every_snat_port(&mut h, true);
+    let input = frame::tcp(CLIENT, NP_REMOTE, SYN);
+    assert_frame("SYN", h.run(Hook::XdpIngress, &input), XDP_DROP, &input);
+}
+
+/// A connection lives while either direction is fresh: a client packet after its own entry
+/// went idle past the timeout keeps the backend (and the entry) the reply side kept alive.
+#[test]
+fn a_fresh_reply_half_keeps_the_connection() {
+    let mut h = Harness::new();
+    h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN));
+    h.run(Hook::TcEgress, &frame::tcp(POD_A, CLIENT, SYN | ACK));
+    let forward =
+        CtKey::new(*CLIENT.ip(), CLIENT.port(), NODE_A, NP_LOCAL.port(), proto::TCP, CT_DIR_FORWARD);
+    let mut entry = h.conntrack.get(&forward, 0).unwrap();
+    entry.last_seen_ns = 1; // idle for as long as the machine is up
+    h.conntrack.insert(forward, entry, 0).unwrap();
+    assert_frame(
+        "ACK",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, ACK)),
+        XDP_PASS,
+        &frame::tcp(CLIENT, POD_A, ACK),
+    );
+    let after = h.conntrack.get(&forward, 0).unwrap();
+    assert_eq!(after.created_ns, entry.created_ns, "the same connection, not a new one");
+    assert!(after.last_seen_ns > 1);
 }

@@ -160,10 +160,13 @@ impl Dataplane {
         if let Ok(existing) = PinnedLink::from_pin(&pin) {
             match self.replace_in_link(hook, FdLink::from(existing)) {
                 Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(%interface, hook = hook.program(), error = %e, "pinned link is stale, attaching anew");
+                // The link's interface is gone (ENOLINK): drop the pin and attach anew.
+                Err(e) if is_defunct_link(&e) => {
+                    tracing::info!(%interface, hook = hook.program(), "pinned link is defunct, attaching anew");
                     std::fs::remove_file(&pin).map_err(io_err(&pin))?;
                 }
+                // Anything else leaves the live link, and the program in it, as it is.
+                Err(e) => return Err(attach_err(e.into())),
             }
         }
         let link: FdLink = match hook {
@@ -186,26 +189,42 @@ impl Dataplane {
         Ok(())
     }
 
-    fn replace_in_link(
-        &mut self,
-        hook: Hook,
-        link: FdLink,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// Swaps `hook`'s program into the pinned `link` (`bpf_link_update`: atomic).
+    fn replace_in_link(&mut self, hook: Hook, link: FdLink) -> Result<(), ProgramError> {
+        let not_ours = |e: aya::programs::links::LinkError| ProgramError::IOError(io::Error::other(e));
         match hook {
             Hook::XdpIngress => {
-                let xdp: &mut Xdp = self.program_mut(hook)?;
-                let id = xdp.attach_to_link(XdpLink::try_from(link)?)?;
+                let xdp: &mut Xdp = self.program_mut(hook).map_err(|_| ProgramError::NotLoaded)?;
+                let id = xdp.attach_to_link(XdpLink::try_from(link).map_err(not_ours)?)?;
                 // Dropping our handle leaves the pinned link attached.
                 drop(xdp.take_link(id)?);
             }
             Hook::TcIngress | Hook::TcEgress => {
-                let tc: &mut SchedClassifier = self.program_mut(hook)?;
-                let id = tc.attach_to_link(SchedClassifierLink::try_from(link)?)?;
+                let tc: &mut SchedClassifier = self.program_mut(hook).map_err(|_| ProgramError::NotLoaded)?;
+                let id = tc.attach_to_link(SchedClassifierLink::try_from(link).map_err(not_ours)?)?;
                 drop(tc.take_link(id)?);
             }
         }
         Ok(())
     }
+
+    /// Removes the pinned links of `interface` (e.g. a pod interface that went away): a link
+    /// whose interface is gone holds a program nothing runs.
+    pub fn forget_interface(&mut self, interface: &str) -> Result<()> {
+        let Some(links_dir) = &self.links_dir else { return Ok(()) };
+        for hook in [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress] {
+            let pin = links_dir.join(format!("{}@{interface}", hook.pin_name()));
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&pin)(e)),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_defunct_link(error: &ProgramError) -> bool {
+    matches!(error, ProgramError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOLINK))
 }
 
 /// Removes everything the agent made under `dir`: unpinning the links detaches the

@@ -54,16 +54,23 @@ impl MapWriter {
     }
 
     /// Numeric ids for the desired groups. A group keeps the id its frontends already point
-    /// to in the maps; new groups get ids no entry in the maps uses, so no slot still read
-    /// by a live frontend is overwritten before that frontend moves.
+    /// to in the maps, if every frontend on that id stays in the group (so rewriting its slots
+    /// never sends another Service's frontend to this group's backends, even briefly); other
+    /// groups get ids no entry in the maps uses.
     fn group_ids(&self, desired: &DesiredState) -> BTreeMap<String, u32> {
+        let mut on_id: BTreeMap<u32, Vec<&ServiceKey>> = BTreeMap::new();
+        for (key, value) in &self.frontends {
+            on_id.entry(value.group_id).or_default().push(key);
+        }
         let mut ids = BTreeMap::new();
         let mut taken = BTreeSet::new();
         for (key, frontend) in &desired.frontends {
-            if let Some(current) = self.frontends.get(key) {
-                if !ids.contains_key(&frontend.group) && taken.insert(current.group_id) {
-                    ids.insert(frontend.group.clone(), current.group_id);
-                }
+            let Some(current) = self.frontends.get(key) else { continue };
+            let whole_group_stays = on_id[&current.group_id]
+                .iter()
+                .all(|k| desired.frontends.get(*k).is_some_and(|f| f.group == frontend.group));
+            if whole_group_stays && !ids.contains_key(&frontend.group) && taken.insert(current.group_id) {
+                ids.insert(frontend.group.clone(), current.group_id);
             }
         }
         let in_use: BTreeSet<u32> = self
@@ -177,17 +184,13 @@ impl MapWriter {
                 }
             }
         }
-        // Slots still read by a frontend that could not be moved stay.
-        let referenced: BTreeSet<u32> = self.frontends.values().map(|v| v.group_id).collect();
-        let stale_slots: Vec<BackendKey> = self
-            .slots
-            .keys()
-            .filter(|k| {
-                let still_read = broken_groups.contains(&k.group_id) && referenced.contains(&k.group_id);
-                !target_slots.contains_key(k) && !still_read
-            })
-            .copied()
-            .collect();
+        // A slot goes only when no frontend, as the maps now hold them, can still pick it
+        // (one left as it was because its new backends did not fit keeps its old slots).
+        let still_read = |k: &BackendKey| {
+            self.frontends.values().any(|v| v.group_id == k.group_id && u32::from(v.backend_count) > k.slot)
+        };
+        let stale_slots: Vec<BackendKey> =
+            self.slots.keys().filter(|k| !target_slots.contains_key(k) && !still_read(k)).copied().collect();
         for key in stale_slots {
             match self.backends.remove(&key) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
