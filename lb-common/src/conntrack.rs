@@ -1,12 +1,18 @@
-//! The connection tracking map: which backend a connection was given, in both directions.
+//! Connection tracking: one entry per balanced connection, met by both directions.
 //!
-//! A balanced connection has two entries: `CT_DIR_FORWARD` keyed by the tuple the client
-//! sent (to the frontend), read at ingress to DNAT every later packet to the same backend;
-//! and `CT_DIR_REPLY` keyed by the backend's reply tuple (backend → client), read at egress
-//! to put the frontend back as the source. The map is an LRU hash and every entry carries
-//! its last-seen time, so stale entries expire without any userspace sweep.
+//! Two maps:
+//! - `XLB_CT_SERVICE`: the tuple the client sent (client → frontend) → the backend it was
+//!   given. Read at ingress only, to find the connection of a later client packet.
+//! - `XLB_CONNTRACK`: the connection itself, keyed by the client → backend tuple (after DNAT,
+//!   before any SNAT: exactly the flow the kernel's own conntrack and routing see). Client
+//!   packets look it up as they are, backend replies with their tuple reversed, so both
+//!   directions meet this one entry: its TCP state, its timestamps and the translations to
+//!   undo (the frontend for replies, the SNAT source for client packets).
+//!
+//! Both are LRU hashes; the entry's last-seen time and state decide when it is stale, so
+//! entries expire on lookup without a userspace sweep.
 
-/// Key of `XLB_CONNTRACK`; also the key of `XLB_NAT`. 16 bytes.
+/// Key of `XLB_CONNTRACK` and `XLB_CT_SERVICE`; also of `XLB_NAT`. 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
@@ -20,16 +26,17 @@ pub struct CtKey {
     pub dport: u16,
     /// IP protocol.
     pub proto: u8,
-    /// `CT_DIR_*` (conntrack) or `NAT_DIR_*` (nat): which hook reads the entry.
-    pub dir: u8,
     /// Always 0.
-    pub _pad: u16,
+    pub _pad: [u8; 3],
 }
 
-/// Client → frontend, read at ingress: DNAT to `CtEntry::nat_addr:nat_port` (the backend).
-pub const CT_DIR_FORWARD: u8 = 0;
-/// Backend → client, read at egress: SNAT back to `CtEntry::nat_addr:nat_port` (the frontend).
-pub const CT_DIR_REPLY: u8 = 1;
+impl CtKey {
+    /// The same flow seen from the other end.
+    #[inline(always)]
+    pub fn reversed(&self) -> Self {
+        Self { saddr: self.daddr, daddr: self.saddr, sport: self.dport, dport: self.sport, ..*self }
+    }
+}
 
 /// TCP state as far as the balancer needs it: how long an idle entry stays valid.
 pub const CT_STATE_OTHER: u8 = 0;
@@ -40,21 +47,25 @@ pub const CT_STATE_FIN: u8 = 3;
 /// A RST was seen.
 pub const CT_STATE_CLOSED: u8 = 4;
 
+/// The backend has answered at least once (UDP: the flow is a stream).
+pub const CT_F_REPLIED: u8 = 1 << 0;
+
 const SEC: u64 = 1_000_000_000;
 /// Idle timeouts, as kube-proxy configures netfilter (nf_conntrack_tcp_timeout_established
 /// 86400 s) and the kernel defaults for the rest (syn_sent 120 s, fin_wait 120 s, close 10 s,
-/// udp 30 s). Past its timeout an entry counts as absent: a new connection is balanced anew.
+/// udp 30 s, udp stream 120 s). Past its timeout an entry counts as absent.
 pub const CT_TIMEOUT_SYN_NS: u64 = 120 * SEC;
 pub const CT_TIMEOUT_ESTABLISHED_NS: u64 = 86_400 * SEC;
 pub const CT_TIMEOUT_FIN_NS: u64 = 120 * SEC;
 pub const CT_TIMEOUT_CLOSED_NS: u64 = 10 * SEC;
 pub const CT_TIMEOUT_UDP_NS: u64 = 30 * SEC;
+pub const CT_TIMEOUT_UDP_STREAM_NS: u64 = 120 * SEC;
 
-/// Idle timeout of an entry in `state` for `proto`.
+/// Idle timeout of an entry in `state` with `flags` for `proto`.
 #[inline(always)]
-pub fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
+pub fn ct_timeout_ns(proto: u8, state: u8, flags: u8) -> u64 {
     if proto != crate::proto::TCP {
-        return CT_TIMEOUT_UDP_NS;
+        return if flags & CT_F_REPLIED != 0 { CT_TIMEOUT_UDP_STREAM_NS } else { CT_TIMEOUT_UDP_NS };
     }
     match state {
         CT_STATE_ESTABLISHED => CT_TIMEOUT_ESTABLISHED_NS,
@@ -64,27 +75,52 @@ pub fn ct_timeout_ns(proto: u8, state: u8) -> u64 {
     }
 }
 
-/// Value of `XLB_CONNTRACK`. 24 bytes.
+/// Value of `XLB_CONNTRACK`. 32 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtEntry {
-    /// Forward: backend address; reply: frontend address. Network byte order.
-    pub nat_addr: u32,
-    /// Forward: backend port; reply: frontend port. Network byte order.
-    pub nat_port: u16,
+    /// The frontend the client addressed: replies get it back as their source. Network order.
+    pub frontend_addr: u32,
+    pub frontend_port: u16,
+    /// SNAT source port, network byte order; 0 when the connection is not SNATed.
+    pub snat_port: u16,
+    /// SNAT source address, network byte order; 0 when the connection is not SNATed.
+    pub snat_addr: u32,
     /// `CT_STATE_*`.
     pub state: u8,
+    /// `CT_F_*` bits.
+    pub flags: u8,
     /// Always 0.
-    pub _pad: u8,
+    pub _pad: u16,
     /// `bpf_ktime_get_ns()` when the entry was created.
     pub created_ns: u64,
-    /// `bpf_ktime_get_ns()` of the last packet that used the entry.
+    /// `bpf_ktime_get_ns()` of the last packet, either direction.
     pub last_seen_ns: u64,
 }
 
+impl CtEntry {
+    /// Whether the entry is still within its idle timeout at `now`.
+    #[inline(always)]
+    pub fn fresh(&self, proto: u8, now: u64) -> bool {
+        now.saturating_sub(self.last_seen_ns) <= ct_timeout_ns(proto, self.state, self.flags)
+    }
+}
+
+/// Value of `XLB_CT_SERVICE`: the backend of the connection. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtBackend {
+    /// Network byte order.
+    pub addr: u32,
+    pub port: u16,
+    /// Always 0.
+    pub _pad: u16,
+}
+
 const _: () = assert!(core::mem::size_of::<CtKey>() == 16);
-const _: () = assert!(core::mem::size_of::<CtEntry>() == 24);
-crate::user_pod!(CtKey, CtEntry);
+const _: () = assert!(core::mem::size_of::<CtEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<CtBackend>() == 8);
+crate::user_pod!(CtKey, CtEntry, CtBackend);
 
 #[cfg(feature = "user")]
 impl CtKey {
@@ -94,7 +130,6 @@ impl CtKey {
         daddr: core::net::Ipv4Addr,
         dport: u16,
         proto: u8,
-        dir: u8,
     ) -> Self {
         Self {
             saddr: u32::from(saddr).to_be(),
@@ -102,8 +137,7 @@ impl CtKey {
             sport: sport.to_be(),
             dport: dport.to_be(),
             proto,
-            dir,
-            _pad: 0,
+            _pad: [0; 3],
         }
     }
 }

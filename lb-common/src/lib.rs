@@ -6,12 +6,15 @@
 //! never swaps bytes; the user side converts with the helpers behind the `user` feature.
 #![no_std]
 
+pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
 pub mod maps;
 pub mod nat;
 pub mod service;
+pub mod socket;
+pub mod source_range;
 
 /// Implements `aya::Pod` for map types on the user side.
 macro_rules! user_pod {
@@ -29,6 +32,7 @@ pub(crate) use user_pod;
 pub mod proto {
     pub const TCP: u8 = 6;
     pub const UDP: u8 = 17;
+    pub const ICMP: u8 = 1;
 }
 
 // The `new` helpers the tests build values with are behind the `user` feature:
@@ -42,13 +46,17 @@ mod tests {
     };
     use std::vec::Vec;
 
+    use aya::maps::lpm_trie::Key;
+
     use crate::{
+        affinity::{AffinityEntry, AffinityKey},
         backend::{Backend, BackendKey, BACKEND_F_LOCAL},
         config::NodeConfig,
         conntrack::*,
-        nat::{NatEntry, NAT_DIR_EGRESS, NAT_DIR_INGRESS},
-        proto::{TCP, UDP},
-        service::{ServiceKey, ServiceValue, SVC_F_EXTERNAL},
+        nat::NatEntry,
+        proto::{ICMP, TCP, UDP},
+        service::{ServiceKey, ServiceValue, SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
+        source_range::{SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS},
     };
 
     /// The bytes of a map key or value exactly as the kernel sees them.
@@ -82,15 +90,41 @@ mod tests {
     }
 
     #[test]
-    fn service_value_is_group_count_and_flags_in_host_order() {
-        let value = ServiceValue { group_id: 0x0102_0304, backend_count: 3, flags: SVC_F_EXTERNAL };
+    fn service_value_is_two_groups_two_counts_flags_zero_pad_and_affinity_timeout_in_host_order() {
+        let value = ServiceValue {
+            group_id: 0x0102_0304,
+            internal_group_id: 0x0506_0708,
+            backend_count: 3,
+            internal_count: 1,
+            flags: SVC_F_NO_ENDPOINTS | SVC_F_SOURCE_RANGES,
+            _pad: 0,
+            affinity_timeout_s: 10_800,
+        };
         assert_eq!(
             bytes(&value),
-            ne(&[&0x0102_0304u32.to_ne_bytes(), &3u16.to_ne_bytes(), &1u16.to_ne_bytes()])
+            ne(&[
+                &0x0102_0304u32.to_ne_bytes(),
+                &0x0506_0708u32.to_ne_bytes(),
+                &3u16.to_ne_bytes(),
+                &1u16.to_ne_bytes(),
+                &3u16.to_ne_bytes(),
+                &[0, 0],
+                &10_800u32.to_ne_bytes(),
+            ])
         );
-        assert_eq!(SVC_F_EXTERNAL, 1);
-        assert_eq!(size_of::<ServiceValue>(), 8);
-        assert_eq!((offset_of!(ServiceValue, backend_count), offset_of!(ServiceValue, flags)), (4, 6));
+        assert_eq!((SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES), (1, 2));
+        assert_eq!((size_of::<ServiceValue>(), align_of::<ServiceValue>()), (20, 4));
+        assert_eq!(
+            [
+                offset_of!(ServiceValue, internal_group_id),
+                offset_of!(ServiceValue, backend_count),
+                offset_of!(ServiceValue, internal_count),
+                offset_of!(ServiceValue, flags),
+                offset_of!(ServiceValue, _pad),
+                offset_of!(ServiceValue, affinity_timeout_s)
+            ],
+            [4, 8, 10, 12, 14, 16]
+        );
     }
 
     #[test]
@@ -117,64 +151,110 @@ mod tests {
     }
 
     #[test]
-    fn ct_key_is_addresses_then_ports_in_network_order_then_proto_dir_and_zero_pad() {
-        let key = CtKey::new(
-            Ipv4Addr::new(10, 0, 0, 1),
-            40000,
-            Ipv4Addr::new(10, 96, 0, 10),
-            80,
-            TCP,
-            CT_DIR_REPLY,
-        );
-        assert_eq!(bytes(&key), [10, 0, 0, 1, 10, 96, 0, 10, 0x9c, 0x40, 0, 80, 6, 1, 0, 0]);
-        let nat = CtKey::new(
-            Ipv4Addr::new(192, 168, 1, 10),
-            61000,
-            Ipv4Addr::new(10, 244, 1, 5),
-            8080,
-            UDP,
-            NAT_DIR_INGRESS,
-        );
-        assert_eq!(bytes(&nat), [192, 168, 1, 10, 10, 244, 1, 5, 0xee, 0x48, 0x1f, 0x90, 17, 1, 0, 0]);
-        assert_eq!((CT_DIR_FORWARD, CT_DIR_REPLY, NAT_DIR_EGRESS, NAT_DIR_INGRESS), (0, 1, 0, 1));
-        assert_eq!(size_of::<CtKey>(), 16);
+    fn ct_key_is_addresses_then_ports_in_network_order_then_proto_and_zero_pad() {
+        let key = CtKey::new(Ipv4Addr::new(10, 0, 0, 1), 40000, Ipv4Addr::new(10, 96, 0, 10), 80, TCP);
+        assert_eq!(bytes(&key), [10, 0, 0, 1, 10, 96, 0, 10, 0x9c, 0x40, 0, 80, 6, 0, 0, 0]);
+        let udp = CtKey::new(Ipv4Addr::new(192, 168, 1, 10), 61000, Ipv4Addr::new(10, 244, 1, 5), 8080, UDP);
+        assert_eq!(bytes(&udp), [192, 168, 1, 10, 10, 244, 1, 5, 0xee, 0x48, 0x1f, 0x90, 17, 0, 0, 0]);
+        assert_eq!((size_of::<CtKey>(), align_of::<CtKey>()), (16, 4));
         assert_eq!(
             [
                 offset_of!(CtKey, daddr),
                 offset_of!(CtKey, sport),
                 offset_of!(CtKey, dport),
                 offset_of!(CtKey, proto),
-                offset_of!(CtKey, dir),
                 offset_of!(CtKey, _pad)
             ],
-            [4, 8, 10, 12, 13, 14]
+            [4, 8, 10, 12, 13]
         );
     }
 
     #[test]
-    fn ct_entry_is_nat_address_port_state_then_two_host_order_timestamps() {
+    fn reversed_ct_key_swaps_addresses_and_ports_and_keeps_proto() {
+        let key = CtKey::new(Ipv4Addr::new(10, 0, 0, 1), 40000, Ipv4Addr::new(10, 244, 1, 5), 8080, UDP);
+        let reply = CtKey::new(Ipv4Addr::new(10, 244, 1, 5), 8080, Ipv4Addr::new(10, 0, 0, 1), 40000, UDP);
+        assert_eq!(key.reversed(), reply);
+        assert_eq!(reply.reversed(), key);
+    }
+
+    #[test]
+    fn ct_entry_is_frontend_and_snat_in_network_order_then_state_flags_pad_and_host_order_timestamps() {
         let entry = CtEntry {
-            nat_addr: be_addr(10, 244, 1, 5),
-            nat_port: 8080u16.to_be(),
+            frontend_addr: be_addr(10, 96, 0, 10),
+            frontend_port: 80u16.to_be(),
+            snat_port: 61000u16.to_be(),
+            snat_addr: be_addr(198, 18, 0, 1),
             state: CT_STATE_ESTABLISHED,
+            flags: CT_F_REPLIED,
             _pad: 0,
             created_ns: 0x1122_3344_5566_7788,
             last_seen_ns: 42,
         };
-        let head: &[u8] = &[10, 244, 1, 5, 0x1f, 0x90, 2, 0];
+        let head: &[u8] = &[10, 96, 0, 10, 0, 80, 0xee, 0x48, 198, 18, 0, 1, 2, 1, 0, 0];
         assert_eq!(bytes(&entry), ne(&[head, &0x1122_3344_5566_7788u64.to_ne_bytes(), &42u64.to_ne_bytes()]));
-        assert_eq!((size_of::<CtEntry>(), align_of::<CtEntry>()), (24, 8));
-        assert_eq!((offset_of!(CtEntry, created_ns), offset_of!(CtEntry, last_seen_ns)), (8, 16));
+        assert_eq!((size_of::<CtEntry>(), align_of::<CtEntry>()), (32, 8));
+        assert_eq!(
+            [
+                offset_of!(CtEntry, frontend_port),
+                offset_of!(CtEntry, snat_port),
+                offset_of!(CtEntry, snat_addr),
+                offset_of!(CtEntry, state),
+                offset_of!(CtEntry, flags),
+                offset_of!(CtEntry, _pad),
+                offset_of!(CtEntry, created_ns),
+                offset_of!(CtEntry, last_seen_ns)
+            ],
+            [4, 6, 8, 12, 13, 14, 16, 24]
+        );
     }
 
     #[test]
-    fn nat_entry_is_address_and_port_in_network_order_then_host_order_timestamp() {
-        let entry =
-            NatEntry { addr: be_addr(192, 168, 1, 10), port: 61000u16.to_be(), _pad: 0, last_seen_ns: 7 };
-        let head: &[u8] = &[192, 168, 1, 10, 0xee, 0x48, 0, 0];
-        assert_eq!(bytes(&entry), ne(&[head, &7u64.to_ne_bytes()]));
-        assert_eq!((size_of::<NatEntry>(), align_of::<NatEntry>()), (16, 8));
-        assert_eq!((offset_of!(NatEntry, port), offset_of!(NatEntry, last_seen_ns)), (4, 8));
+    fn ct_backend_and_nat_entry_are_address_and_port_in_network_order_then_zero_pad() {
+        let backend = CtBackend { addr: be_addr(10, 244, 1, 5), port: 8080u16.to_be(), _pad: 0 };
+        assert_eq!(bytes(&backend), [10, 244, 1, 5, 0x1f, 0x90, 0, 0]);
+        assert_eq!(
+            (size_of::<CtBackend>(), offset_of!(CtBackend, port), offset_of!(CtBackend, _pad)),
+            (8, 4, 6)
+        );
+        let nat = NatEntry { addr: be_addr(192, 168, 1, 10), port: 40000u16.to_be(), _pad: 0 };
+        assert_eq!(bytes(&nat), [192, 168, 1, 10, 0x9c, 0x40, 0, 0]);
+        assert_eq!(
+            (size_of::<NatEntry>(), offset_of!(NatEntry, port), offset_of!(NatEntry, _pad)),
+            (8, 4, 6)
+        );
+    }
+
+    #[test]
+    fn affinity_key_is_client_in_network_order_then_host_order_group() {
+        let key = AffinityKey { client_addr: be_addr(198, 18, 0, 100), group_id: 0x0a0b_0c0d };
+        assert_eq!(bytes(&key), ne(&[&[198, 18, 0, 100], &0x0a0b_0c0du32.to_ne_bytes()]));
+        assert_eq!((size_of::<AffinityKey>(), offset_of!(AffinityKey, group_id)), (8, 4));
+    }
+
+    #[test]
+    fn affinity_entry_is_host_order_slot_then_backend_in_network_order_then_host_order_timestamp() {
+        let entry = AffinityEntry { slot: 5, backend_addr: be_addr(10, 244, 1, 5), last_used_ns: 99 };
+        assert_eq!(bytes(&entry), ne(&[&5u32.to_ne_bytes(), &[10, 244, 1, 5], &99u64.to_ne_bytes()]));
+        assert_eq!((size_of::<AffinityEntry>(), align_of::<AffinityEntry>()), (16, 8));
+        assert_eq!(
+            (offset_of!(AffinityEntry, backend_addr), offset_of!(AffinityEntry, last_used_ns)),
+            (4, 8)
+        );
+    }
+
+    #[test]
+    fn source_range_key_is_the_frontend_then_the_client_address_so_the_prefix_covers_the_frontend_first() {
+        let data = SourceRangeKey {
+            frontend: ServiceKey::new(Ipv4Addr::new(203, 0, 113, 7), 443, TCP),
+            client_addr: be_addr(198, 18, 0, 0),
+        };
+        assert_eq!(bytes(&data), [203, 0, 113, 7, 0x01, 0xbb, 6, 0, 198, 18, 0, 0]);
+        assert_eq!((size_of::<SourceRangeKey>(), offset_of!(SourceRangeKey, client_addr)), (12, 8));
+        // The trie key as the kernel reads it: prefix length (host order), then the data, whose
+        // first 64 bits are the whole frontend.
+        assert_eq!(SOURCE_RANGE_FRONTEND_BITS as usize, 8 * offset_of!(SourceRangeKey, client_addr));
+        let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 16, data);
+        assert_eq!(bytes(&key), ne(&[&80u32.to_ne_bytes(), bytes(&data)]));
     }
 
     #[test]
@@ -185,14 +265,47 @@ mod tests {
         assert_eq!(size_of::<NodeConfig>(), 8);
     }
 
+    const SEC: u64 = 1_000_000_000;
+
     #[test]
-    fn ct_timeout_depends_on_tcp_state_and_is_udp_timeout_for_other_protocols() {
-        const SEC: u64 = 1_000_000_000;
-        assert_eq!(ct_timeout_ns(TCP, CT_STATE_OTHER), 120 * SEC);
-        assert_eq!(ct_timeout_ns(TCP, CT_STATE_SYN_SENT), 120 * SEC);
-        assert_eq!(ct_timeout_ns(TCP, CT_STATE_ESTABLISHED), 86_400 * SEC);
-        assert_eq!(ct_timeout_ns(TCP, CT_STATE_FIN), 120 * SEC);
-        assert_eq!(ct_timeout_ns(TCP, CT_STATE_CLOSED), 10 * SEC);
-        assert_eq!(ct_timeout_ns(UDP, CT_STATE_ESTABLISHED), 30 * SEC);
+    fn ct_timeout_depends_on_tcp_state_and_ignores_flags_for_tcp() {
+        for flags in [0, CT_F_REPLIED] {
+            assert_eq!(ct_timeout_ns(TCP, CT_STATE_OTHER, flags), 120 * SEC);
+            assert_eq!(ct_timeout_ns(TCP, CT_STATE_SYN_SENT, flags), 120 * SEC);
+            assert_eq!(ct_timeout_ns(TCP, CT_STATE_ESTABLISHED, flags), 86_400 * SEC);
+            assert_eq!(ct_timeout_ns(TCP, CT_STATE_FIN, flags), 120 * SEC);
+            assert_eq!(ct_timeout_ns(TCP, CT_STATE_CLOSED, flags), 10 * SEC);
+        }
+    }
+
+    #[test]
+    fn ct_timeout_of_other_protocols_is_udp_30_s_and_120_s_once_the_backend_replied() {
+        for proto in [UDP, ICMP] {
+            assert_eq!(ct_timeout_ns(proto, CT_STATE_OTHER, 0), 30 * SEC);
+            assert_eq!(ct_timeout_ns(proto, CT_STATE_ESTABLISHED, 0), 30 * SEC);
+            assert_eq!(ct_timeout_ns(proto, CT_STATE_OTHER, CT_F_REPLIED), 120 * SEC);
+        }
+    }
+
+    #[test]
+    fn ct_entry_is_fresh_up_to_its_timeout_after_the_last_packet() {
+        let entry = |state, flags| CtEntry {
+            frontend_addr: 0,
+            frontend_port: 0,
+            snat_port: 0,
+            snat_addr: 0,
+            state,
+            flags,
+            _pad: 0,
+            created_ns: 0,
+            last_seen_ns: 1_000 * SEC,
+        };
+        let udp = entry(CT_STATE_OTHER, 0);
+        assert!(udp.fresh(UDP, 1_030 * SEC));
+        assert!(!udp.fresh(UDP, 1_030 * SEC + 1));
+        assert!(entry(CT_STATE_OTHER, CT_F_REPLIED).fresh(UDP, 1_120 * SEC));
+        assert!(!entry(CT_STATE_CLOSED, 0).fresh(TCP, 1_010 * SEC + 1));
+        // A clock reading before the last packet (entries written on another CPU) is fresh.
+        assert!(udp.fresh(UDP, 0));
     }
 }

@@ -1,26 +1,27 @@
-//! Connection tracking: remember each balanced connection's backend, in both directions.
+//! Connection tracking: one `XLB_CONNTRACK` entry per balanced connection, met by both
+//! directions, and the `XLB_CT_SERVICE` entry that leads a client's packet to it.
 use aya_ebpf::bindings::BPF_ANY;
 use lb_common::{
     conntrack::{
-        ct_timeout_ns, CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_CLOSED, CT_STATE_ESTABLISHED,
-        CT_STATE_FIN, CT_STATE_OTHER, CT_STATE_SYN_SENT,
+        CtBackend, CtEntry, CtKey, CT_F_REPLIED, CT_STATE_CLOSED, CT_STATE_ESTABLISHED, CT_STATE_FIN,
+        CT_STATE_OTHER, CT_STATE_SYN_SENT,
     },
     proto,
 };
 
 use crate::{
-    maps::XLB_CONNTRACK,
+    maps::{XLB_CONNTRACK, XLB_CT_SERVICE},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// Where a tracked packet is to be translated to: `addr:port`, network byte order.
-#[derive(Clone, Copy)]
-pub struct Translation {
+/// An address and port to translate to, network byte order.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint {
     pub addr: u32,
     pub port: u16,
 }
 
-/// The state after `flow`'s packet, given the state before.
+/// The state after `flow`'s packet (either direction), given the state before.
 #[inline(always)]
 fn next_state(flow: &Flow, state: u8) -> u8 {
     if flow.proto != proto::TCP {
@@ -37,123 +38,90 @@ fn next_state(flow: &Flow, state: u8) -> u8 {
     }
 }
 
-/// A TCP SYN on a closing or closed entry opens a new connection on a reused tuple.
+/// A TCP SYN opens a new connection; on a reused tuple it replaces the old one.
 #[inline(always)]
-fn is_reopen(flow: &Flow, state: u8) -> bool {
-    flow.proto == proto::TCP
-        && flow.has(TCP_SYN)
-        && !flow.has(TCP_ACK)
-        && (state == CT_STATE_FIN || state == CT_STATE_CLOSED)
+fn is_syn(flow: &Flow) -> bool {
+    flow.proto == proto::TCP && flow.has(TCP_SYN) && !flow.has(TCP_ACK)
 }
 
+/// The live connection `key` (client → backend), or `None` when absent or past its timeout.
 #[inline(always)]
-fn fresh(entry: &CtEntry, proto: u8, now: u64) -> bool {
-    now.saturating_sub(entry.last_seen_ns) <= ct_timeout_ns(proto, entry.state)
-}
-
-/// The other half of the connection whose `dir` entry for `flow` is `entry`: forward
-/// (client → frontend, translated to the backend) and reply (backend → client, translated
-/// to the frontend) name each other.
-#[inline(always)]
-fn partner_key(flow: &Flow, dir: u8, entry: &CtEntry) -> CtKey {
-    let mut key = flow.key(if dir == CT_DIR_FORWARD { CT_DIR_REPLY } else { CT_DIR_FORWARD });
-    if dir == CT_DIR_FORWARD {
-        (key.saddr, key.sport, key.daddr, key.dport) =
-            (entry.nat_addr, entry.nat_port, flow.saddr, flow.sport);
-    } else {
-        (key.saddr, key.sport, key.daddr, key.dport) =
-            (flow.daddr, flow.dport, entry.nat_addr, entry.nat_port);
-    }
-    key
-}
-
-#[inline(always)]
-fn key_fresh(key: &CtKey, now: u64) -> bool {
-    // SAFETY: copied out at once.
-    unsafe { XLB_CONNTRACK.get(key) }.is_some_and(|e| fresh(e, key.proto, now))
-}
-
-/// Looks up the live entry for `flow` in direction `dir` and marks it used. A connection
-/// lives while either half has seen traffic within its timeout (a backend may be silent for
-/// long, a client too), and a FIN or RST closes both halves.
-#[inline(always)]
-fn touch(flow: &Flow, dir: u8, now: u64) -> Option<Translation> {
-    let entry = XLB_CONNTRACK.get_ptr_mut(flow.key(dir))?;
+fn live(key: &CtKey, now: u64) -> Option<&'static mut CtEntry> {
+    let entry = XLB_CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a map value pointer, valid for this program run; racing writers only ever
     // store whole fields, and a torn timestamp merely shortens or extends one idle period.
     let entry = unsafe { &mut *entry };
-    if is_reopen(flow, entry.state) {
-        return None;
-    }
-    let partner = partner_key(flow, dir, entry);
-    if !fresh(entry, flow.proto, now) && !key_fresh(&partner, now) {
-        return None;
-    }
+    entry.fresh(key.proto, now).then_some(entry)
+}
+
+#[inline(always)]
+fn touch(entry: &mut CtEntry, flow: &Flow, now: u64) {
     entry.state = next_state(flow, entry.state);
     entry.last_seen_ns = now;
-    if flow.has(TCP_FIN) || flow.has(TCP_RST) {
-        if let Some(other) = XLB_CONNTRACK.get_ptr_mut(partner) {
-            // SAFETY: as above.
-            let other = unsafe { &mut *other };
-            other.state = next_state(flow, other.state);
-        }
-    }
-    Some(Translation { addr: entry.nat_addr, port: entry.nat_port })
 }
 
-/// Whether the connection whose reply tuple is `reply` (backend → client) is still live:
-/// decides when a SNAT port bound to it may be taken by another connection.
+/// The client → backend tuple of the client's packet `flow`, balanced to `backend`.
 #[inline(always)]
-pub fn reply_alive(reply: &CtKey, now: u64) -> bool {
+pub fn backend_key(flow: &Flow, backend: Endpoint) -> CtKey {
+    CtKey { daddr: backend.addr, dport: backend.port, ..flow.key() }
+}
+
+/// A later packet from a client: the backend its connection was given. A SYN opening a new
+/// connection on the tuple of a finished one gets `None`, and is balanced anew.
+#[inline(always)]
+pub fn lookup_client(flow: &Flow, now: u64) -> Option<Endpoint> {
     // SAFETY: copied out at once.
-    let Some(entry) = (unsafe { XLB_CONNTRACK.get(reply) }).copied() else {
-        return false;
-    };
-    if fresh(&entry, reply.proto, now) {
-        return true;
+    let backend = unsafe { XLB_CT_SERVICE.get(flow.key()) }.copied()?;
+    let backend = Endpoint { addr: backend.addr, port: backend.port };
+    let entry = live(&backend_key(flow, backend), now)?;
+    if is_syn(flow) && matches!(entry.state, CT_STATE_FIN | CT_STATE_CLOSED) {
+        return None;
     }
-    let forward = CtKey {
-        saddr: reply.daddr,
-        sport: reply.dport,
-        daddr: entry.nat_addr,
-        dport: entry.nat_port,
-        dir: CT_DIR_FORWARD,
-        ..*reply
-    };
-    key_fresh(&forward, now)
+    touch(entry, flow, now);
+    Some(backend)
 }
 
-/// The backend of an established connection, for a packet from the client.
+/// A backend's reply `flow` (backend → client, after any SNAT was undone): the frontend it
+/// must come from.
 #[inline(always)]
-pub fn lookup_forward(flow: &Flow, now: u64) -> Option<Translation> {
-    touch(flow, CT_DIR_FORWARD, now)
+pub fn lookup_reply(flow: &Flow, now: u64) -> Option<Endpoint> {
+    let entry = live(&flow.key().reversed(), now)?;
+    touch(entry, flow, now);
+    entry.flags |= CT_F_REPLIED;
+    Some(Endpoint { addr: entry.frontend_addr, port: entry.frontend_port })
 }
 
-/// The frontend a backend's reply must appear to come from.
+/// A client's packet after DNAT (client → backend) leaving the node: its SNAT source, if
+/// the connection has one.
 #[inline(always)]
-pub fn lookup_reply(flow: &Flow, now: u64) -> Option<Translation> {
-    touch(flow, CT_DIR_REPLY, now)
+pub fn snat_source(flow: &Flow, now: u64) -> Option<Endpoint> {
+    let entry = live(&flow.key(), now)?;
+    (entry.snat_addr != 0).then_some(Endpoint { addr: entry.snat_addr, port: entry.snat_port })
 }
 
-/// Records a new connection from `flow` (client → frontend) to `backend`: the forward
-/// entry and the reply entry (backend → client).
+/// The connection `key` (client → backend) if live; for SNAT bindings and ICMP errors.
 #[inline(always)]
-pub fn create(flow: &Flow, backend: Translation, now: u64) -> Option<()> {
-    let state = next_state(flow, CT_STATE_OTHER);
-    let forward = CtEntry {
-        nat_addr: backend.addr,
-        nat_port: backend.port,
-        state,
+pub fn get(key: &CtKey, now: u64) -> Option<CtEntry> {
+    live(key, now).map(|e| *e)
+}
+
+/// Records a new connection from the client's packet `flow` (to `frontend`) to `backend`,
+/// with an optional SNAT source.
+#[inline(always)]
+pub fn create(flow: &Flow, backend: Endpoint, snat: Option<Endpoint>, now: u64) -> Option<()> {
+    let snat = snat.unwrap_or(Endpoint { addr: 0, port: 0 });
+    let entry = CtEntry {
+        frontend_addr: flow.daddr,
+        frontend_port: flow.dport,
+        snat_port: snat.port,
+        snat_addr: snat.addr,
+        state: next_state(flow, CT_STATE_OTHER),
+        flags: 0,
         _pad: 0,
         created_ns: now,
         last_seen_ns: now,
     };
-    XLB_CONNTRACK.insert(flow.key(CT_DIR_FORWARD), forward, BPF_ANY as u64).ok()?;
-    let mut reply_key = flow.key(CT_DIR_REPLY);
-    reply_key.saddr = backend.addr;
-    reply_key.sport = backend.port;
-    reply_key.daddr = flow.saddr;
-    reply_key.dport = flow.sport;
-    let reply = CtEntry { nat_addr: flow.daddr, nat_port: flow.dport, ..forward };
-    XLB_CONNTRACK.insert(reply_key, reply, BPF_ANY as u64).ok()
+    XLB_CONNTRACK.insert(backend_key(flow, backend), entry, BPF_ANY as u64).ok()?;
+    let value = CtBackend { addr: backend.addr, port: backend.port, _pad: 0 };
+    XLB_CT_SERVICE.insert(flow.key(), value, BPF_ANY as u64).ok()
 }

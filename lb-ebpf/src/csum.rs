@@ -23,3 +23,13 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
     let sum = !csum as u32 + (!old & 0xffff) + (!old >> 16) + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
+
+/// The Internet checksum of `N` 16-bit words (as loaded from the packet), computed afresh.
+#[inline(always)]
+pub fn compute<const N: usize>(words: &[u16; N]) -> u16 {
+    let mut sum = 0u32;
+    for w in words {
+        sum += *w as u32;
+    }
+    !fold(sum)
+}

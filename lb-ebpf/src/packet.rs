@@ -3,6 +3,7 @@
 //! the kernel's helpers, which also handle CHECKSUM_PARTIAL skbs from local senders.
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
+    helpers::{bpf_skb_change_head, bpf_skb_change_tail, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::{TcContext, XdpContext},
 };
 use lb_common::proto;
@@ -20,6 +21,18 @@ pub trait Packet: Sized {
     fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()>;
     /// Sets the TCP/UDP port at `off` to `new`, fixing the TCP/UDP checksum.
     fn set_port(&mut self, flow: &Flow, off: usize, new: u16) -> Option<()>;
+    /// Adds `len` bytes in front of the frame (invalidates every packet pointer).
+    fn grow_head(&mut self, len: usize) -> Option<()>;
+    /// Cuts the frame to `len` bytes, no longer than it is (invalidates every packet pointer).
+    fn truncate(&mut self, len: usize) -> Option<()>;
+}
+
+/// Reads a packet bound from the context as a new value every time. Otherwise LLVM may drop a
+/// bounds check it proved redundant with an earlier one while reloading the pointer after a
+/// helper call, and the verifier, which tracks checks per loaded pointer, rejects the access.
+#[inline(always)]
+unsafe fn fresh(bound: *const u32) -> usize {
+    core::ptr::read_volatile(bound) as usize
 }
 
 /// UDP checksum 0 means "none" and must stay 0; a computed 0 is sent as 0xffff.
@@ -42,11 +55,13 @@ fn xdp_l4_update(flow: &Flow, p: *mut u16, update: impl FnOnce(u16) -> u16) {
 impl Packet for XdpContext {
     #[inline(always)]
     fn data(&self) -> usize {
-        XdpContext::data(self)
+        // SAFETY: the context pointer is the program's own (see `fresh` for why volatile).
+        unsafe { fresh(&(*self.ctx).data) }
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        XdpContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { fresh(&(*self.ctx).data_end) }
     }
 
     #[inline(always)]
@@ -74,6 +89,22 @@ impl Packet for XdpContext {
         xdp_l4_update(flow, l4_csum, |c| csum::replace2(c, old, new));
         Some(())
     }
+
+    #[inline(always)]
+    fn grow_head(&mut self, len: usize) -> Option<()> {
+        // SAFETY: the context pointer is the program's own.
+        (unsafe { bpf_xdp_adjust_head(self.ctx, -(len as i32)) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Option<()> {
+        let now = self.data_end() - self.data();
+        if len > now {
+            return None;
+        }
+        // SAFETY: as above.
+        (unsafe { bpf_xdp_adjust_tail(self.ctx, len as i32 - now as i32) } == 0).then_some(())
+    }
 }
 
 #[inline(always)]
@@ -88,11 +119,13 @@ fn tc_l4_flags(flow: &Flow) -> u64 {
 impl Packet for TcContext {
     #[inline(always)]
     fn data(&self) -> usize {
-        TcContext::data(self)
+        // SAFETY: the skb pointer is the program's own (see `fresh` for why volatile).
+        unsafe { fresh(&(*self.skb.skb).data) }
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        TcContext::data_end(self)
+        // SAFETY: as above.
+        unsafe { fresh(&(*self.skb.skb).data_end) }
     }
 
     #[inline(always)]
@@ -110,5 +143,20 @@ impl Packet for TcContext {
         let flags = tc_l4_flags(flow) | 2;
         self.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, flags).ok()?;
         self.store(off, &new, 0).ok()
+    }
+
+    #[inline(always)]
+    fn grow_head(&mut self, len: usize) -> Option<()> {
+        // SAFETY: the skb pointer is the program's own.
+        (unsafe { bpf_skb_change_head(self.skb.skb as *mut _, len as u32, 0) } == 0).then_some(())
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: usize) -> Option<()> {
+        if len > self.len() as usize {
+            return None;
+        }
+        // SAFETY: as above.
+        (unsafe { bpf_skb_change_tail(self.skb.skb as *mut _, len as u32, 0) } == 0).then_some(())
     }
 }

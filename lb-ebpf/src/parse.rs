@@ -3,10 +3,11 @@ use lb_common::{conntrack::CtKey, proto};
 
 use crate::packet::Packet;
 
-const ETH_HLEN: usize = 14;
+pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 /// IPv4 flags+fragment offset: MF bit and offset bits. Non-zero means a fragment.
 const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+pub const IP_HLEN: usize = 20;
 
 /// Byte offsets inside the IPv4 header.
 pub const IP_CSUM_OFF: usize = 10;
@@ -15,16 +16,23 @@ pub const IP_DADDR_OFF: usize = 16;
 /// Byte offsets inside the TCP/UDP header.
 pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
-const TCP_CSUM_OFF: usize = 16;
-const UDP_CSUM_OFF: usize = 6;
+pub const TCP_CSUM_OFF: usize = 16;
+pub const UDP_CSUM_OFF: usize = 6;
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_MIN_LEN: usize = 20;
-const UDP_LEN: usize = 8;
+/// UDP header; also the L4 bytes an ICMP error quotes at least (RFC 792).
+pub const UDP_LEN: usize = 8;
+pub const ICMP_HLEN: usize = 8;
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// ICMP errors that quote the packet they are about.
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMP_PARAMETER_PROBLEM: u8 = 12;
 
 /// Returns a pointer to a `T` at `off` bytes into the packet, or `None` if it would reach
 /// past the end. The only place packet bounds are checked.
@@ -39,7 +47,7 @@ pub fn ptr_at<T, P: Packet>(pkt: &P, off: usize) -> Option<*mut T> {
 }
 
 #[inline(always)]
-fn read<T: Copy, P: Packet>(pkt: &P, off: usize) -> Option<T> {
+pub fn read<T: Copy, P: Packet>(pkt: &P, off: usize) -> Option<T> {
     // SAFETY: ptr_at checked that the whole T lies inside the packet; unaligned read.
     ptr_at::<T, P>(pkt, off).map(|p| unsafe { p.read_unaligned() })
 }
@@ -68,17 +76,16 @@ impl Flow {
         self.l4 + if self.proto == proto::TCP { TCP_CSUM_OFF } else { UDP_CSUM_OFF }
     }
 
-    /// The tuple as seen in this packet, tagged with the direction `dir` of the table entry.
+    /// The tuple as seen in this packet.
     #[inline(always)]
-    pub fn key(&self, dir: u8) -> CtKey {
+    pub fn key(&self) -> CtKey {
         CtKey {
             saddr: self.saddr,
             daddr: self.daddr,
             sport: self.sport,
             dport: self.dport,
             proto: self.proto,
-            dir,
-            _pad: 0,
+            _pad: [0; 3],
         }
     }
 
@@ -88,60 +95,118 @@ impl Flow {
     }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP. `None` for everything the balancer leaves alone:
-/// other ethertypes and protocols, fragments (no ports to match), malformed headers.
+/// An ICMP error (destination unreachable, time exceeded, parameter problem) quoting a TCP or
+/// UDP packet: the outer addresses and the quoted packet's tuple and offsets.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    /// Offset of the outer IPv4 header and of the ICMP header.
+    pub l3: usize,
+    pub icmp: usize,
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The quoted packet: its IPv4 header (always 20 bytes) and its first 8 L4 bytes.
+    pub inner: Flow,
+}
+
+/// What the balancer may act on.
+pub enum Parsed {
+    Flow(Flow),
+    IcmpError(IcmpError),
+}
+
+/// The IPv4 header at `l3`: (header length, total length, protocol, source, destination).
+/// `None` for malformed headers and fragments (no ports to match). Every field is read
+/// through one checked pointer: `l3` may be a variable offset (a header an ICMP error quotes).
 #[inline(always)]
-pub fn parse<P: Packet>(pkt: &P) -> Option<Flow> {
-    let ethertype = u16::from_be(read::<u16, P>(pkt, 12)?);
-    if ethertype != ETH_P_IP {
+fn ipv4<P: Packet>(pkt: &P, l3: usize) -> Option<(usize, usize, u8, u32, u32)> {
+    let header = ptr_at::<[u8; IP_HLEN], P>(pkt, l3)? as *const u8;
+    // SAFETY: `header` points at IP_HLEN checked bytes; every offset is below it.
+    let (ver_ihl, total_len, frag, proto, saddr, daddr) = unsafe {
+        (
+            header.read(),
+            u16::from_be(header.add(2).cast::<u16>().read_unaligned()) as usize,
+            u16::from_be(header.add(6).cast::<u16>().read_unaligned()),
+            header.add(9).read(),
+            header.add(IP_SADDR_OFF).cast::<u32>().read_unaligned(),
+            header.add(IP_DADDR_OFF).cast::<u32>().read_unaligned(),
+        )
+    };
+    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
+    if ver_ihl >> 4 != 4 || ihl < IP_HLEN || frag & IP_MF_OFFSET_MASK != 0 || total_len < ihl + UDP_LEN {
+        return None;
+    }
+    Some((ihl, total_len, proto, saddr, daddr))
+}
+
+/// Ports and TCP flags of the L4 header at `l4`, read through one checked pointer.
+/// `full_header`: the whole fixed TCP header must be present (a packet to translate); an ICMP
+/// error quotes only 8 bytes, enough for the ports.
+#[inline(always)]
+fn ports<P: Packet>(pkt: &P, l4: usize, proto: u8, full_header: bool) -> Option<(u16, u16, u8)> {
+    let tcp_header = if proto == proto::TCP && full_header {
+        Some(ptr_at::<[u8; TCP_MIN_LEN], P>(pkt, l4)? as *const u8)
+    } else {
+        None
+    };
+    let header = match tcp_header {
+        Some(h) => h,
+        None => ptr_at::<[u8; UDP_LEN], P>(pkt, l4)? as *const u8,
+    };
+    // SAFETY: `header` points at at least 8 checked bytes, 20 when flags are read.
+    unsafe {
+        Some((
+            header.add(L4_SPORT_OFF).cast::<u16>().read_unaligned(),
+            header.add(L4_DPORT_OFF).cast::<u16>().read_unaligned(),
+            if tcp_header.is_some() { header.add(TCP_FLAGS_OFF).read() } else { 0 },
+        ))
+    }
+}
+
+/// Parses Ethernet + IPv4 + TCP/UDP, or an ICMP error about a TCP/UDP packet. `None` for
+/// everything the balancer leaves alone: other ethertypes and protocols, fragments,
+/// malformed or truncated headers.
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
+    if u16::from_be(read::<u16, P>(pkt, 12)?) != ETH_P_IP {
         return None;
     }
     let l3 = ETH_HLEN;
-    let ver_ihl: u8 = read(pkt, l3)?;
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 {
-        return None;
-    }
-    let total_len = u16::from_be(read::<u16, P>(pkt, l3 + 2)?) as usize;
-    let frag = u16::from_be(read::<u16, P>(pkt, l3 + 6)?);
-    if frag & IP_MF_OFFSET_MASK != 0 || total_len < ihl {
-        return None;
-    }
-    let proto: u8 = read(pkt, l3 + 9)?;
+    let (ihl, total_len, proto, saddr, daddr) = ipv4(pkt, l3)?;
     let l4 = l3 + ihl;
-    // The whole fixed TCP/UDP header (checksum included) must be in the packet before any
-    // state is made; ports and flags are read through that one checked pointer.
-    let (min_len, flags_off) = match proto {
-        proto::TCP => (TCP_MIN_LEN, Some(TCP_FLAGS_OFF)),
-        proto::UDP => (UDP_LEN, None),
-        _ => return None,
-    };
-    if total_len < ihl + min_len {
-        return None;
+    match proto {
+        proto::TCP | proto::UDP => {
+            if proto == proto::TCP && total_len < ihl + TCP_MIN_LEN {
+                return None;
+            }
+            let (sport, dport, tcp_flags) = ports(pkt, l4, proto, true)?;
+            Some(Parsed::Flow(Flow { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport }))
+        }
+        proto::ICMP => {
+            let icmp = ptr_at::<[u8; ICMP_HLEN], P>(pkt, l4)? as *const u8;
+            // SAFETY: points at ICMP_HLEN checked bytes.
+            let kind = unsafe { icmp.read() };
+            if !matches!(kind, ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM) {
+                return None;
+            }
+            let inner_l3 = l4 + ICMP_HLEN;
+            let (inner_ihl, _, inner_proto, inner_saddr, inner_daddr) = ipv4(pkt, inner_l3)?;
+            if inner_ihl != IP_HLEN || !matches!(inner_proto, proto::TCP | proto::UDP) {
+                return None;
+            }
+            let inner_l4 = inner_l3 + IP_HLEN;
+            let (sport, dport, _) = ports(pkt, inner_l4, inner_proto, false)?;
+            let inner = Flow {
+                l3: inner_l3,
+                l4: inner_l4,
+                proto: inner_proto,
+                tcp_flags: 0,
+                saddr: inner_saddr,
+                daddr: inner_daddr,
+                sport,
+                dport,
+            };
+            Some(Parsed::IcmpError(IcmpError { l3, icmp: l4, saddr, daddr, inner }))
+        }
+        _ => None,
     }
-    let header = ptr_at::<[u8; TCP_MIN_LEN], P>(pkt, l4).map(|p| p as *const u8);
-    let header = match (header, proto) {
-        (Some(h), _) => h,
-        // A UDP header is shorter than the TCP one: check only its 8 bytes.
-        (None, proto::UDP) => ptr_at::<[u8; UDP_LEN], P>(pkt, l4)? as *const u8,
-        (None, _) => return None,
-    };
-    // SAFETY: `header` points at at least `min_len` checked bytes; all offsets are below it.
-    let (sport, dport, tcp_flags) = unsafe {
-        (
-            header.add(L4_SPORT_OFF).cast::<u16>().read_unaligned(),
-            header.add(L4_DPORT_OFF).cast::<u16>().read_unaligned(),
-            flags_off.map_or(0, |off| header.add(off).read()),
-        )
-    };
-    Some(Flow {
-        l3,
-        l4,
-        proto,
-        tcp_flags,
-        saddr: read(pkt, l3 + IP_SADDR_OFF)?,
-        daddr: read(pkt, l3 + IP_DADDR_OFF)?,
-        sport,
-        dport,
-    })
 }

@@ -1,19 +1,23 @@
 //! The packet pipeline shared by every hook: parse → conntrack → service lookup → backend
-//! choice → NAT → forward (the kernel routes; we only translate, pass or drop).
+//! choice → NAT → forward (the kernel routes; we translate, pass, drop or reject).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use lb_common::{backend::BACKEND_F_LOCAL, service::SVC_F_EXTERNAL};
+use lb_common::{backend::BACKEND_F_LOCAL, service::SVC_F_NO_ENDPOINTS, service::SVC_F_SOURCE_RANGES};
 
+pub use crate::service::Origin;
 use crate::{
-    conntrack::{self, Translation},
-    nat,
+    conntrack::{self, Endpoint},
+    icmp, nat,
     packet::Packet,
-    parse::{parse, Flow, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
-    service,
+    parse::{parse, Flow, Parsed, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
+    reject, service,
 };
 
 pub enum Verdict {
     Pass,
     Drop,
+    /// The packet was rewritten into an ICMP error for its sender: send it back out the
+    /// interface it came in on.
+    Bounce,
 }
 
 /// Which end of a packet a translation rewrites.
@@ -25,7 +29,7 @@ enum End {
 
 /// Rewrites the address and port of `end` to `to`, checksums included.
 #[inline(always)]
-fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: Translation) -> Verdict {
+fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: Endpoint) -> Verdict {
     let (addr_off, port_off) = match end {
         End::Source => (IP_SADDR_OFF, L4_SPORT_OFF),
         End::Destination => (IP_DADDR_OFF, L4_DPORT_OFF),
@@ -37,39 +41,66 @@ fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: Translation) -> Ve
     }
 }
 
-/// Before routing: packets arriving from the fabric or from a local pod.
 #[inline(always)]
-pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
-    let Some(flow) = parse(pkt) else {
-        return Verdict::Pass;
-    };
+fn now() -> u64 {
     // SAFETY: a plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    unsafe { bpf_ktime_get_ns() }
+}
 
-    // A backend's reply to our SNAT address: hand it back to its client.
-    if let Some(client) = nat::lookup_ingress(&flow, now) {
-        return rewrite(pkt, &flow, End::Destination, client);
+/// Before routing: packets arriving from the fabric (`Origin::External`) or from a local pod.
+#[inline(always)]
+pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
+    let flow = match parse(pkt) {
+        Some(Parsed::Flow(flow)) => flow,
+        Some(Parsed::IcmpError(err)) => return icmp::ingress(pkt, &err, now()),
+        None => return Verdict::Pass,
+    };
+    let now = now();
+
+    // A backend's reply to a SNAT address: hand it back to its client.
+    if nat::is_snat_port(flow.dport) {
+        if let Some(client) = nat::client_of(&flow.key(), now) {
+            return rewrite(pkt, &flow, End::Destination, client);
+        }
     }
     // A later packet of a balanced connection: same backend as before.
-    if let Some(backend) = conntrack::lookup_forward(&flow, now) {
+    if let Some(backend) = conntrack::lookup_client(&flow, now) {
         return rewrite(pkt, &flow, End::Destination, backend);
     }
     // A new connection to a frontend.
-    let Some(svc) = service::lookup(&flow) else {
+    let Some((frontend, svc)) = service::lookup(flow.daddr, flow.dport, flow.proto) else {
         return Verdict::Pass;
     };
-    if svc.backend_count == 0 {
+    if origin == Origin::External
+        && svc.flags & SVC_F_SOURCE_RANGES != 0
+        && !service::source_allowed(frontend, flow.saddr)
+    {
         return Verdict::Drop;
     }
-    let Some(backend) = service::select_backend(&svc) else {
+    let group = service::group(&svc, origin);
+    if group.1 == 0 {
+        if svc.flags & SVC_F_NO_ENDPOINTS != 0 && reject::port_unreachable(pkt, &flow).is_some() {
+            return Verdict::Bounce;
+        }
+        return Verdict::Drop;
+    }
+    let Some(backend) = service::select_backend(&svc, group, flow.saddr, now) else {
         return Verdict::Drop;
     };
-    let to = Translation { addr: backend.addr, port: backend.port };
-    let needs_snat = svc.flags & SVC_F_EXTERNAL != 0 && backend.flags & BACKEND_F_LOCAL == 0;
-    if needs_snat && nat::create(&flow, to, now).is_none() {
-        return Verdict::Drop;
-    }
-    if conntrack::create(&flow, to, now).is_none() {
+    let to = Endpoint { addr: backend.addr, port: backend.port };
+    // SNAT when the reply would not come back through this node (a client outside the node,
+    // a backend on another node) or would not leave the backend (hairpin).
+    let needs_snat =
+        (origin == Origin::External && backend.flags & BACKEND_F_LOCAL == 0) || backend.addr == flow.saddr;
+    let snat = if needs_snat {
+        match nat::allocate(&flow, to, now) {
+            Some(snat) => Some(snat),
+            None => return Verdict::Drop,
+        }
+    } else {
+        None
+    };
+    if conntrack::create(&flow, to, snat, now).is_none() {
         return Verdict::Drop;
     }
     rewrite(pkt, &flow, End::Destination, to)
@@ -78,18 +109,19 @@ pub fn ingress<P: Packet>(pkt: &mut P) -> Verdict {
 /// After routing: packets leaving towards the fabric or a local pod.
 #[inline(always)]
 pub fn egress<P: Packet>(pkt: &mut P) -> Verdict {
-    let Some(flow) = parse(pkt) else {
-        return Verdict::Pass;
+    let flow = match parse(pkt) {
+        Some(Parsed::Flow(flow)) => flow,
+        Some(Parsed::IcmpError(err)) => return icmp::egress(pkt, &err, now()),
+        None => return Verdict::Pass,
     };
-    // SAFETY: a plain helper call without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = now();
 
     // A backend's reply: it must come from the frontend the client addressed.
     if let Some(frontend) = conntrack::lookup_reply(&flow, now) {
         return rewrite(pkt, &flow, End::Source, frontend);
     }
-    // A connection to a backend on another node: SNAT to the node address.
-    if let Some(snat) = nat::lookup_egress(&flow, now) {
+    // A client's packet to its backend: SNAT if its connection has a SNAT source.
+    if let Some(snat) = conntrack::snat_source(&flow, now) {
         return rewrite(pkt, &flow, End::Source, snat);
     }
     Verdict::Pass

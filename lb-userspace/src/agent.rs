@@ -4,7 +4,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::mpsc, time:
 
 use anyhow::Context as _;
 use lb_userspace::{
-    dataplane::{Dataplane, Hook, MapWriter},
+    dataplane::{Dataplane, Hook, MapSizes, MapWriter},
     desired::{self, NodeContext},
     manifests::ManifestDir,
     model::Store,
@@ -18,7 +18,8 @@ pub struct Config {
     pub external_interfaces: Vec<String>,
     pub pod_interfaces: Option<glob::Pattern>,
     pub bpffs_dir: PathBuf,
-    pub conntrack_size: u32,
+    pub cgroup_path: Option<PathBuf>,
+    pub map_sizes: MapSizes,
     pub sync_period: Duration,
 }
 
@@ -26,12 +27,15 @@ pub struct Config {
 const COALESCE: Duration = Duration::from_millis(50);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
-    let mut dataplane = Dataplane::load_pinned(&config.bpffs_dir, config.conntrack_size)
+    let mut dataplane = Dataplane::load_pinned(&config.bpffs_dir, config.map_sizes)
         .with_context(|| format!("loading the dataplane into {}", config.bpffs_dir.display()))?;
     for interface in &config.external_interfaces {
         for hook in [Hook::XdpIngress, Hook::TcEgress] {
             dataplane.attach(hook, interface).with_context(|| format!("external interface {interface}"))?;
         }
+    }
+    if let Some(cgroup) = &config.cgroup_path {
+        dataplane.attach_cgroup(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
     let mut writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
     let mut pods_attached = BTreeSet::new();

@@ -1,29 +1,41 @@
 //! Pure functions from the store to what one node's maps must hold. No I/O.
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use lb_common::{
     backend::{Backend, BACKEND_F_LOCAL},
-    service::{ServiceKey, SVC_F_EXTERNAL},
+    service::{ServiceKey, SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
 };
 
 use crate::model::{Endpoint, NamespacedName, Protocol, ServicePort, ServiceRecord, SliceRecord, Store};
 
-/// A frontend: which backend group it balances to, and how (`SVC_F_*`).
+/// A frontend: the backend groups it balances to, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
+    /// Group for clients outside the node.
     pub group: String,
+    /// Group for this node's pods and processes.
+    pub internal_group: String,
+    /// `SVC_F_*` bits.
     pub flags: u16,
+    /// ClientIP session affinity timeout; 0 when off.
+    pub affinity_timeout_s: u32,
 }
+
+/// An allowed client range of a frontend: (frontend, network address, prefix length).
+pub type SourceRange = (ServiceKey, Ipv4Addr, u8);
 
 /// Everything the maps of one node must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DesiredState {
     pub frontends: BTreeMap<ServiceKey, Frontend>,
-    /// Backend groups by name (one per Service port), each in a stable order.
+    /// Backend groups by name, each in a stable order: per Service port the Cluster group,
+    /// and the Local group when a frontend uses it.
     pub groups: BTreeMap<String, Vec<Backend>>,
+    /// Allowed client ranges of the frontends flagged `SVC_F_SOURCE_RANGES`.
+    pub source_ranges: BTreeSet<SourceRange>,
     /// Address for SNAT to backends on other nodes.
     pub snat_addr: Option<Ipv4Addr>,
     /// Frontends claimed by more than one Service: the first claim (by name) wins.
@@ -51,54 +63,104 @@ pub fn compute(store: &Store, node: &NodeContext) -> DesiredState {
     for svc in store.services() {
         let slices = slices_by_service.get(&svc.id).map(Vec::as_slice).unwrap_or_default();
         for port in &svc.ports {
-            let group = group_name(svc, port);
-            state.groups.insert(group.clone(), backends(slices, port, node.name));
-            for (key, flags) in frontends(svc, port, node.addrs) {
-                add_frontend(&mut state, key, Frontend { group: group.clone(), flags });
-            }
+            add_service_port(&mut state, svc, port, slices, node);
         }
     }
     state
 }
 
-fn add_frontend(state: &mut DesiredState, key: ServiceKey, frontend: Frontend) {
+/// The groups and frontends of one Service port.
+fn add_service_port(
+    state: &mut DesiredState,
+    svc: &ServiceRecord,
+    port: &ServicePort,
+    slices: &[&SliceRecord],
+    node: &NodeContext,
+) {
+    let EndpointSets { cluster, local } = endpoint_sets(slices, port, node.name);
+    let cluster_group = group_name(svc, port);
+    let local_group = format!("{cluster_group} local");
+    let policy_group = |local_policy: bool| if local_policy { &local_group } else { &cluster_group };
+    // kube-proxy REJECTs only when the Service has no usable endpoint anywhere; an empty
+    // Local group with endpoints elsewhere drops.
+    let flags = if cluster.is_empty() { SVC_F_NO_ENDPOINTS } else { 0 };
+    let frontend = |group: &String, internal_group: &String| Frontend {
+        group: group.clone(),
+        internal_group: internal_group.clone(),
+        flags,
+        affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
+    };
+    let proto = port.protocol.number();
+
+    let internal = policy_group(svc.internal_policy_local);
+    add_frontend(state, ServiceKey::new(svc.cluster_ip, port.port, proto), frontend(internal, internal));
+
+    // Pods and the node reaching an external address always get the Cluster group.
+    let external = frontend(policy_group(svc.external_policy_local), &cluster_group);
+    let node_ports = port
+        .node_port
+        .into_iter()
+        .flat_map(|np| node.addrs.iter().map(move |a| ServiceKey::new(*a, np, proto)));
+    let external_ips = svc.external_ips.iter().map(|ip| ServiceKey::new(*ip, port.port, proto));
+    for key in node_ports.chain(external_ips) {
+        add_frontend(state, key, external.clone());
+    }
+    let with_ranges = !svc.source_ranges.is_empty();
+    let lb = Frontend { flags: flags | if with_ranges { SVC_F_SOURCE_RANGES } else { 0 }, ..external };
+    for ip in &svc.lb_ips {
+        let key = ServiceKey::new(*ip, port.port, proto);
+        // A frontend lost to another Service must not get this Service's ranges.
+        if add_frontend(state, key, lb.clone()) && with_ranges {
+            state.source_ranges.extend(svc.source_ranges.iter().map(|(addr, len)| (key, *addr, *len)));
+        }
+    }
+
+    let externally_accessible =
+        port.node_port.is_some() || !svc.external_ips.is_empty() || !svc.lb_ips.is_empty();
+    if svc.internal_policy_local || (svc.external_policy_local && externally_accessible) {
+        state.groups.insert(local_group, local);
+    }
+    state.groups.insert(cluster_group, cluster);
+}
+
+/// Adds a frontend unless another Service already claimed its key; says whether it did.
+fn add_frontend(state: &mut DesiredState, key: ServiceKey, frontend: Frontend) -> bool {
     match state.frontends.get(&key) {
-        Some(existing) => state.conflicts.push(format!(
-            "{}:{}/{} is claimed by {} and {}; keeping {}",
-            key.ip(),
-            key.host_port(),
-            Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
-            existing.group,
-            frontend.group,
-            existing.group
-        )),
+        Some(existing) => {
+            state.conflicts.push(format!(
+                "{}:{}/{} is claimed by {} and {}; keeping {}",
+                key.ip(),
+                key.host_port(),
+                Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+                existing.group,
+                frontend.group,
+                existing.group
+            ));
+            false
+        }
         None => {
             state.frontends.insert(key, frontend);
+            true
         }
     }
 }
 
-/// Names the backend group of one Service port, e.g. `default/kiada:http/TCP`.
+/// Names the Cluster backend group of one Service port, e.g. `default/kiada:http/TCP`; its
+/// Local group has ` local` appended.
 pub fn group_name(svc: &ServiceRecord, port: &ServicePort) -> String {
     format!("{}:{}/{}", svc.id, port.name, port.protocol)
 }
 
-fn frontends<'a>(
-    svc: &'a ServiceRecord,
-    port: &'a ServicePort,
-    node_addrs: &'a [Ipv4Addr],
-) -> impl Iterator<Item = (ServiceKey, u16)> + 'a {
-    let proto = port.protocol.number();
-    let cluster_ip = std::iter::once((ServiceKey::new(svc.cluster_ip, port.port, proto), 0));
-    let node_ports = port.node_port.into_iter().flat_map(move |np| {
-        node_addrs.iter().map(move |addr| (ServiceKey::new(*addr, np, proto), SVC_F_EXTERNAL))
-    });
-    cluster_ip.chain(node_ports)
+/// The endpoints of one Service port as kube-proxy categorises them (pkg/proxy/topology.go
+/// `CategorizeEndpoints`, without zone hints).
+struct EndpointSets {
+    /// For Cluster traffic policy.
+    cluster: Vec<Backend>,
+    /// For Local traffic policy: the same choice among this node's endpoints.
+    local: Vec<Backend>,
 }
 
-/// The endpoints a new connection may go to, as kube-proxy picks them for Cluster policy
-/// (pkg/proxy/topology.go): the ready ones; if none is ready, the serving terminating ones.
-fn backends(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -> Vec<Backend> {
+fn endpoint_sets(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -> EndpointSets {
     // Per IP, the non-terminating endpoint wins over a terminating duplicate.
     let mut by_ip: BTreeMap<Ipv4Addr, (&Endpoint, u16)> = BTreeMap::new();
     for slice in slices {
@@ -115,19 +177,27 @@ fn backends(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -> Vec
             }
         }
     }
-    let ready: Vec<_> = by_ip.values().filter(|(ep, _)| ep.ready).collect();
-    let eligible = if ready.is_empty() {
-        by_ip.values().filter(|(ep, _)| ep.serving && ep.terminating).collect()
-    } else {
-        ready
-    };
-    eligible
-        .into_iter()
+    let backends: Vec<(&Endpoint, Backend)> = by_ip
+        .into_values()
         .map(|(ep, target_port)| {
             let local = ep.node_name.as_deref() == Some(node_name);
-            Backend::new(ep.addr, *target_port, if local { BACKEND_F_LOCAL } else { 0 })
+            (ep, Backend::new(ep.addr, target_port, if local { BACKEND_F_LOCAL } else { 0 }))
         })
-        .collect()
+        .collect();
+    EndpointSets {
+        cluster: eligible(backends.iter()),
+        local: eligible(backends.iter().filter(|(_, b)| b.flags & BACKEND_F_LOCAL != 0)),
+    }
+}
+
+/// The endpoints a new connection may go to: the ready ones; if none is ready, the serving
+/// terminating ones.
+fn eligible<'a>(endpoints: impl Iterator<Item = &'a (&'a Endpoint, Backend)> + Clone) -> Vec<Backend> {
+    let ready: Vec<Backend> = endpoints.clone().filter(|(ep, _)| ep.ready).map(|(_, b)| *b).collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints.filter(|(ep, _)| ep.serving && ep.terminating).map(|(_, b)| *b).collect()
 }
 
 #[cfg(test)]
@@ -178,8 +248,21 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A frontend whose clients all go to `group`, without affinity.
     fn frontend(group: &str, flags: u16) -> Frontend {
-        Frontend { group: group.into(), flags }
+        external(group, group, flags)
+    }
+
+    /// A frontend sending outside clients to `group` and the node's own to `internal_group`.
+    fn external(group: &str, internal_group: &str, flags: u16) -> Frontend {
+        Frontend { group: group.into(), internal_group: internal_group.into(), flags, affinity_timeout_s: 0 }
+    }
+
+    fn frontends<const N: usize>(entries: [(&str, u16, u8, Frontend); N]) -> BTreeMap<ServiceKey, Frontend> {
+        entries
+            .into_iter()
+            .map(|(addr, port, proto, fe)| (ServiceKey::new(ip(addr), port, proto), fe))
+            .collect()
     }
 
     /// The backends of group `default/web:http/TCP` as (address, port, flags).
@@ -188,35 +271,62 @@ mod tests {
         state.groups["default/web:http/TCP"].iter().map(|b| (b.ip(), b.host_port(), b.flags)).collect()
     }
 
+    /// The backends of group `name` as (address, port, flags).
+    fn group(state: &DesiredState, name: &str) -> Vec<(Ipv4Addr, u16, u8)> {
+        state.groups[name].iter().map(|b| (b.ip(), b.host_port(), b.flags)).collect()
+    }
+
+    /// A LoadBalancer Service with `spec_extra` added to its spec and the given flow-style
+    /// `status.loadBalancer.ingress` list.
+    fn lb_svc(name: &str, cluster_ip: &str, spec_extra: &str, ingress: &str) -> String {
+        format!(
+            "kind: Service\nmetadata: {{name: {name}}}\nspec: {{type: LoadBalancer, clusterIP: {cluster_ip}, ports: [{{name: http, port: 80, nodePort: 30080}}]{spec_extra}}}\nstatus: {{loadBalancer: {{ingress: {ingress}}}}}\n---\n"
+        )
+    }
+
+    const CLUSTER: &str = "default/web:http/TCP";
+    const LOCAL: &str = "default/web:http/TCP local";
+
+    /// One ready endpoint on this node (10.244.1.1) and one on node-b (10.244.2.2).
+    fn web_slice() -> String {
+        slice(
+            "web-1",
+            "web",
+            HTTP,
+            &format!("[{}, {}]", ep("10.244.1.1", "node-a", ""), ep("10.244.2.2", "node-b", "")),
+        )
+    }
+
     #[test]
-    fn node_port_service_has_cluster_ip_and_external_node_port_frontends_on_every_node_address() {
+    fn node_port_service_has_cluster_ip_and_node_port_frontends_on_every_node_address() {
         let spec = "{type: NodePort, clusterIP: 10.96.0.10, ports: [{name: http, port: 80, nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}]}";
-        let state = compute(&store(&svc("web", spec)), &node());
+        let yaml = svc("web", spec) + &slice("web-1", "web", HTTP, "[{addresses: [10.244.1.1]}]");
+        let state = compute(&store(&yaml), &node());
         let (http, dns) = ("default/web:http/TCP", "default/web:dns/UDP");
-        let expected: BTreeMap<ServiceKey, Frontend> = [
-            (ServiceKey::new(ip("10.96.0.10"), 80, TCP), frontend(http, 0)),
-            (ServiceKey::new(ip("198.18.0.1"), 30080, TCP), frontend(http, SVC_F_EXTERNAL)),
-            (ServiceKey::new(ip("192.168.1.10"), 30080, TCP), frontend(http, SVC_F_EXTERNAL)),
-            (ServiceKey::new(ip("10.96.0.10"), 53, UDP), frontend(dns, 0)),
-            (ServiceKey::new(ip("198.18.0.1"), 30053, UDP), frontend(dns, SVC_F_EXTERNAL)),
-            (ServiceKey::new(ip("192.168.1.10"), 30053, UDP), frontend(dns, SVC_F_EXTERNAL)),
-        ]
-        .into_iter()
-        .collect();
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(http, 0)),
+            ("198.18.0.1", 30080, TCP, frontend(http, 0)),
+            ("192.168.1.10", 30080, TCP, frontend(http, 0)),
+            // dns has no endpoint: its frontends reject.
+            ("10.96.0.10", 53, UDP, frontend(dns, SVC_F_NO_ENDPOINTS)),
+            ("198.18.0.1", 30053, UDP, frontend(dns, SVC_F_NO_ENDPOINTS)),
+            ("192.168.1.10", 30053, UDP, frontend(dns, SVC_F_NO_ENDPOINTS)),
+        ]);
         assert_eq!(state.frontends, expected);
         let groups: BTreeMap<String, Vec<Backend>> =
-            [(http.to_string(), vec![]), (dns.to_string(), vec![])].into_iter().collect();
+            [(http.to_string(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]), (dns.to_string(), vec![])]
+                .into_iter()
+                .collect();
         assert_eq!(state.groups, groups);
+        assert_eq!(state.source_ranges, BTreeSet::new());
         assert_eq!(state.conflicts, Vec::<String>::new());
     }
 
     #[test]
     fn cluster_ip_service_has_no_node_port_frontends() {
         let state = compute(&store(&svc("web", WEB)), &node());
-        let expected: BTreeMap<ServiceKey, Frontend> =
-            [(ServiceKey::new(ip("10.96.0.10"), 80, TCP), frontend("default/web:http/TCP", 0))]
-                .into_iter()
-                .collect();
+        let expected =
+            frontends([("10.96.0.10", 80, TCP, frontend("default/web:http/TCP", SVC_F_NO_ENDPOINTS))]);
         assert_eq!(state.frontends, expected);
     }
 
@@ -349,14 +459,12 @@ mod tests {
         let yaml = svc("beta", &spec("10.96.0.2")) + &svc("alpha", &spec("10.96.0.1"));
         let state = compute(&store(&yaml), &node());
         let (alpha, beta) = ("default/alpha:http/TCP", "default/beta:http/TCP");
-        let expected: BTreeMap<ServiceKey, Frontend> = [
-            (ServiceKey::new(ip("10.96.0.1"), 80, TCP), frontend(alpha, 0)),
-            (ServiceKey::new(ip("10.96.0.2"), 80, TCP), frontend(beta, 0)),
-            (ServiceKey::new(ip("198.18.0.1"), 30080, TCP), frontend(alpha, SVC_F_EXTERNAL)),
-            (ServiceKey::new(ip("192.168.1.10"), 30080, TCP), frontend(alpha, SVC_F_EXTERNAL)),
-        ]
-        .into_iter()
-        .collect();
+        let expected = frontends([
+            ("10.96.0.1", 80, TCP, frontend(alpha, SVC_F_NO_ENDPOINTS)),
+            ("10.96.0.2", 80, TCP, frontend(beta, SVC_F_NO_ENDPOINTS)),
+            ("198.18.0.1", 30080, TCP, frontend(alpha, SVC_F_NO_ENDPOINTS)),
+            ("192.168.1.10", 30080, TCP, frontend(alpha, SVC_F_NO_ENDPOINTS)),
+        ]);
         assert_eq!(state.frontends, expected);
         assert_eq!(
             state.conflicts,
@@ -365,5 +473,225 @@ mod tests {
                 format!("192.168.1.10:30080/TCP is claimed by {alpha} and {beta}; keeping {alpha}"),
             ]
         );
+    }
+
+    #[test]
+    fn external_traffic_policy_local_sends_outside_clients_to_local_endpoints_and_the_node_to_all() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        let state = compute(&store(&(svc("web", spec) + &web_slice())), &node());
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(CLUSTER, 0)),
+            ("198.18.0.1", 30080, TCP, external(LOCAL, CLUSTER, 0)),
+            ("192.168.1.10", 30080, TCP, external(LOCAL, CLUSTER, 0)),
+        ]);
+        assert_eq!(state.frontends, expected);
+        assert_eq!(
+            group(&state, CLUSTER),
+            vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL), (ip("10.244.2.2"), 8080, 0)]
+        );
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_sends_cluster_ip_clients_to_local_endpoints_and_leaves_node_ports_alone()
+    {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, internalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        let state = compute(&store(&(svc("web", spec) + &web_slice())), &node());
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(LOCAL, 0)),
+            ("198.18.0.1", 30080, TCP, frontend(CLUSTER, 0)),
+            ("192.168.1.10", 30080, TCP, frontend(CLUSTER, 0)),
+        ]);
+        assert_eq!(state.frontends, expected);
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
+    fn local_group_exists_only_when_a_frontend_uses_it() {
+        let groups = |yaml: &str| compute(&store(yaml), &node()).groups.into_keys().collect::<Vec<_>>();
+        // externalTrafficPolicy Local without any external frontend: nothing uses it.
+        let no_external =
+            "{clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80}]}";
+        assert_eq!(groups(&(svc("web", no_external) + &web_slice())), vec![CLUSTER]);
+        let lb_without_node_port = lb_svc("web", "10.96.0.10", ", externalTrafficPolicy: Local", "[]")
+            .replace(", nodePort: 30080", "");
+        assert_eq!(groups(&(lb_without_node_port + &web_slice())), vec![CLUSTER]);
+        let itp = "{clusterIP: 10.96.0.10, internalTrafficPolicy: Local, ports: [{name: http, port: 80}]}";
+        assert_eq!(groups(&(svc("web", itp) + &web_slice())), vec![CLUSTER, LOCAL]);
+    }
+
+    #[test]
+    fn cluster_and_local_sets_fall_back_to_serving_terminating_endpoints_separately() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        let terminating = "ready: false, serving: true, terminating: true";
+        let sets = |endpoints: &[String]| {
+            let yaml =
+                svc("web", spec) + &slice("web-1", "web", HTTP, &format!("[{}]", endpoints.join(", ")));
+            let state = compute(&store(&yaml), &node());
+            let addrs = |name| group(&state, name).into_iter().map(|(addr, _, _)| addr).collect::<Vec<_>>();
+            (addrs(CLUSTER), addrs(LOCAL))
+        };
+        // Ready only elsewhere: the cluster set takes it, the local set falls back.
+        assert_eq!(
+            sets(&[
+                ep("10.244.1.1", "node-a", terminating),
+                ep("10.244.1.2", "node-a", "ready: false, serving: false, terminating: true"),
+                ep("10.244.2.2", "node-b", ""),
+            ]),
+            (vec![ip("10.244.2.2")], vec![ip("10.244.1.1")])
+        );
+        // Ready only here: both sets take it.
+        assert_eq!(
+            sets(&[ep("10.244.1.1", "node-a", ""), ep("10.244.2.2", "node-b", terminating)]),
+            (vec![ip("10.244.1.1")], vec![ip("10.244.1.1")])
+        );
+        // Nothing ready: both fall back, each to its own serving terminating endpoints.
+        assert_eq!(
+            sets(&[ep("10.244.1.1", "node-a", terminating), ep("10.244.2.2", "node-b", terminating)]),
+            (vec![ip("10.244.1.1"), ip("10.244.2.2")], vec![ip("10.244.1.1")])
+        );
+        // Nothing usable here: the local set is empty.
+        assert_eq!(
+            sets(&[ep("10.244.1.1", "node-a", "ready: false"), ep("10.244.2.2", "node-b", "")]),
+            (vec![ip("10.244.2.2")], vec![])
+        );
+    }
+
+    #[test]
+    fn no_endpoints_flag_is_set_when_the_cluster_set_is_empty_not_when_only_the_local_set_is() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, internalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        let flags = |endpoints: &str| {
+            let yaml = svc("web", spec) + &slice("web-1", "web", HTTP, endpoints);
+            let state = compute(&store(&yaml), &node());
+            state.frontends.values().map(|f| f.flags).collect::<BTreeSet<_>>()
+        };
+        // Only on node-b: this node drops (empty local group) rather than rejects.
+        assert_eq!(flags(&format!("[{}]", ep("10.244.2.2", "node-b", ""))), [0].into());
+        assert_eq!(flags("[]"), [SVC_F_NO_ENDPOINTS].into());
+        let unusable = format!(
+            "[{}, {}]",
+            ep("10.244.1.1", "node-a", "ready: false, serving: true, terminating: false"),
+            ep("10.244.2.2", "node-b", "ready: false, serving: false, terminating: true")
+        );
+        assert_eq!(flags(&unusable), [SVC_F_NO_ENDPOINTS].into());
+    }
+
+    #[test]
+    fn external_ips_are_external_frontends_on_the_service_port() {
+        let spec = "{clusterIP: 10.96.0.10, externalIPs: [203.0.113.7, '2001:db8::7'], externalTrafficPolicy: Local, ports: [{name: http, port: 80}]}";
+        let state = compute(&store(&(svc("web", spec) + &web_slice())), &node());
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.7", 80, TCP, external(LOCAL, CLUSTER, 0)),
+        ]);
+        assert_eq!(state.frontends, expected);
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
+    fn lb_ingress_ips_are_external_frontends_and_proxy_mode_ingress_is_left_to_the_load_balancer() {
+        let ingress = "[{ip: 203.0.113.1}, {ip: 203.0.113.2, ipMode: VIP}, {ip: 203.0.113.3, ipMode: Proxy}]";
+        let state = compute(&store(&(lb_svc("web", "10.96.0.10", "", ingress) + &web_slice())), &node());
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(CLUSTER, 0)),
+            ("198.18.0.1", 30080, TCP, frontend(CLUSTER, 0)),
+            ("192.168.1.10", 30080, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.1", 80, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.2", 80, TCP, frontend(CLUSTER, 0)),
+        ]);
+        assert_eq!(state.frontends, expected);
+        assert_eq!(state.source_ranges, BTreeSet::new());
+    }
+
+    #[test]
+    fn source_ranges_flag_lb_ip_frontends_only_and_are_listed_normalised_per_frontend() {
+        let spec_extra = ", externalIPs: [203.0.113.9], loadBalancerSourceRanges: [10.1.2.3/8, 198.18.0.100/32, '2001:db8::/32']";
+        let ingress = "[{ip: 203.0.113.1}, {ip: 203.0.113.2}]";
+        let state =
+            compute(&store(&(lb_svc("web", "10.96.0.10", spec_extra, ingress) + &web_slice())), &node());
+        let ranged = frontend(CLUSTER, SVC_F_SOURCE_RANGES);
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(CLUSTER, 0)),
+            ("198.18.0.1", 30080, TCP, frontend(CLUSTER, 0)),
+            ("192.168.1.10", 30080, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.9", 80, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.1", 80, TCP, ranged.clone()),
+            ("203.0.113.2", 80, TCP, ranged),
+        ]);
+        assert_eq!(state.frontends, expected);
+        let (lb1, lb2) =
+            (ServiceKey::new(ip("203.0.113.1"), 80, TCP), ServiceKey::new(ip("203.0.113.2"), 80, TCP));
+        let ranges: BTreeSet<SourceRange> = [
+            (lb1, ip("10.0.0.0"), 8),
+            (lb1, ip("198.18.0.100"), 32),
+            (lb2, ip("10.0.0.0"), 8),
+            (lb2, ip("198.18.0.100"), 32),
+        ]
+        .into();
+        assert_eq!(state.source_ranges, ranges);
+    }
+
+    #[test]
+    fn lb_ip_lost_in_a_conflict_does_not_get_the_losers_source_ranges() {
+        let ingress = "[{ip: 203.0.113.1}]";
+        let yaml = lb_svc("alpha", "10.96.0.1", "", ingress)
+            + &lb_svc("beta", "10.96.0.2", ", loadBalancerSourceRanges: [10.0.0.0/8]", ingress)
+                .replace("30080", "30081");
+        let state = compute(&store(&yaml), &node());
+        let key = ServiceKey::new(ip("203.0.113.1"), 80, TCP);
+        assert_eq!(state.frontends[&key], frontend("default/alpha:http/TCP", SVC_F_NO_ENDPOINTS));
+        assert_eq!(state.source_ranges, BTreeSet::new());
+        assert_eq!(
+            state.conflicts,
+            vec!["203.0.113.1:80/TCP is claimed by default/alpha:http/TCP and default/beta:http/TCP; keeping default/alpha:http/TCP"]
+        );
+    }
+
+    #[test]
+    fn load_balancer_without_allocated_node_ports_has_no_node_port_frontends() {
+        let lb = lb_svc("web", "10.96.0.10", ", allocateLoadBalancerNodePorts: false", "[{ip: 203.0.113.1}]")
+            .replace(", nodePort: 30080", "");
+        let state = compute(&store(&(lb + &web_slice())), &node());
+        let expected = frontends([
+            ("10.96.0.10", 80, TCP, frontend(CLUSTER, 0)),
+            ("203.0.113.1", 80, TCP, frontend(CLUSTER, 0)),
+        ]);
+        assert_eq!(state.frontends, expected);
+    }
+
+    #[test]
+    fn client_ip_affinity_timeout_is_on_every_frontend_of_the_service() {
+        let timeouts = |spec_extra: &str| {
+            let yaml = lb_svc("web", "10.96.0.10", spec_extra, "[{ip: 203.0.113.1}]") + &web_slice();
+            compute(&store(&yaml), &node())
+                .frontends
+                .values()
+                .map(|f| f.affinity_timeout_s)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(timeouts(""), vec![0; 4]);
+        assert_eq!(timeouts(", sessionAffinity: ClientIP"), vec![10_800; 4]);
+        assert_eq!(
+            timeouts(", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}"),
+            vec![60; 4]
+        );
+    }
+
+    #[test]
+    fn service_with_affinity_timeout_out_of_range_is_rejected_and_its_last_good_version_kept() {
+        let good = lb_svc("web", "10.96.0.10", ", sessionAffinity: ClientIP", "[]");
+        let mut store = store(&good);
+        let bad = parse_str(
+            &good.replace("ClientIP", "ClientIP, sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}"),
+        )
+        .unwrap()
+        .objects;
+        let rejected = store.replace_all(bad.iter().map(|o| (o, "test.yaml")), []);
+        assert_eq!(
+            rejected.iter().map(|r| r.error.field.as_str()).collect::<Vec<_>>(),
+            vec!["spec.sessionAffinityConfig.clientIP.timeoutSeconds"]
+        );
+        let state = compute(&store, &node());
+        assert!(state.frontends.values().all(|f| f.affinity_timeout_s == 10_800));
     }
 }

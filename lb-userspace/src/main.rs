@@ -42,12 +42,24 @@ struct AgentArgs {
     /// Glob for pod interfaces (TC ingress and egress), matched again on every sync.
     #[arg(long)]
     pod_interfaces: Option<String>,
+    /// cgroup v2 directory whose processes get socket load balancing to ClusterIPs and
+    /// NodePorts (the node's own processes: the DaemonSet passes the cgroup v2 root). Without
+    /// it no cgroup program is attached.
+    #[arg(long)]
+    cgroup_path: Option<PathBuf>,
     /// bpffs directory for the pinned maps and links.
     #[arg(long, default_value = "/sys/fs/bpf/xlb")]
     bpffs_dir: PathBuf,
-    /// Entries of the conntrack and SNAT tables (LRU).
+    /// Entries of the conntrack and SNAT tables (LRU: a full table evicts the least recently
+    /// used connection).
     #[arg(long, default_value_t = lb_common::maps::CONNTRACK_MAX)]
     conntrack_size: u32,
+    /// Frontends (Service IP or node address, port, protocol) the services map holds.
+    #[arg(long, default_value_t = lb_common::maps::SERVICES_MAX)]
+    max_services: u32,
+    /// Backend slots, over all Service ports, the backends map holds.
+    #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
+    max_backends: u32,
     /// Full resync period, also catching address and interface changes.
     #[arg(long, value_parser = humantime_secs, default_value = "30")]
     sync_period: Duration,
@@ -102,7 +114,12 @@ fn main() -> anyhow::Result<()> {
                 external_interfaces: args.external_interfaces,
                 pod_interfaces,
                 bpffs_dir: args.bpffs_dir,
-                conntrack_size: args.conntrack_size,
+                cgroup_path: args.cgroup_path,
+                map_sizes: lb_userspace::dataplane::MapSizes {
+                    services: args.max_services,
+                    backends: args.max_backends,
+                    conntrack: args.conntrack_size,
+                },
                 sync_period: args.sync_period,
             })
         }

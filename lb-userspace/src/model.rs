@@ -1,9 +1,13 @@
 //! Validated records of the objects xlb acts on, and the `Store` that holds the last good
 //! version of each. Validation happens once, here, for every source.
-use std::{collections::BTreeMap, fmt, net::Ipv4Addr};
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
+};
 
 use k8s_openapi::api::{
-    core::v1::{Node, Service},
+    core::v1::{Node, Service, ServiceSpec},
     discovery::v1::EndpointSlice,
 };
 use lb_common::proto;
@@ -86,6 +90,30 @@ fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, InvalidField> {
     value.parse().map_err(|_| invalid(field, format!("{value:?} is not an IPv4 address")))
 }
 
+/// An address of either family: `Ok(None)` for IPv6, which xlb (like kube-proxy's IPv4 proxier)
+/// leaves alone.
+fn ipv4_or_v6(value: &str, field: &str) -> Result<Option<Ipv4Addr>, InvalidField> {
+    match value.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
+        Ok(IpAddr::V6(_)) => Ok(None),
+        Err(_) => Err(invalid(field, format!("{value:?} is not an IP address"))),
+    }
+}
+
+/// A CIDR of either family, IPv4 normalised to its network address: `10.1.2.3/8` becomes
+/// `(10.0.0.0, 8)`. `Ok(None)` for IPv6. Surrounding whitespace is tolerated, as the API
+/// server and kube-proxy tolerate it in `loadBalancerSourceRanges`.
+fn ipv4_cidr_or_v6(value: &str, field: &str) -> Result<Option<(Ipv4Addr, u8)>, InvalidField> {
+    let not_cidr = || invalid(field, format!("{value:?} is not a CIDR (address/prefix length)"));
+    let (addr, len) = value.trim().split_once('/').ok_or_else(not_cidr)?;
+    let Some(addr) = ipv4_or_v6(addr, field).map_err(|_| not_cidr())? else {
+        return Ok(None);
+    };
+    let len: u8 = len.parse().ok().filter(|l| *l <= 32).ok_or_else(not_cidr)?;
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    Ok(Some((Ipv4Addr::from(u32::from(addr) & mask), len)))
+}
+
 fn port(value: i32, field: &str) -> Result<u16, InvalidField> {
     match u16::try_from(value) {
         Ok(p) if p != 0 => Ok(p),
@@ -105,7 +133,7 @@ fn namespaced(
 /// The Service's IPv4 cluster IP: `spec.clusterIPs` (dual-stack, either family first), else
 /// `spec.clusterIP`. `Ok(None)` when there is none to program: headless (`None`), unset, or
 /// IPv6 only, which kube-proxy's IPv4 proxier skips as well.
-fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Option<Ipv4Addr>, InvalidField> {
+fn ipv4_cluster_ip(spec: &ServiceSpec) -> Result<Option<Ipv4Addr>, InvalidField> {
     let (field, ips): (&str, Vec<&str>) = match &spec.cluster_ips {
         Some(list) if !list.is_empty() => ("spec.clusterIPs", list.iter().map(String::as_str).collect()),
         _ => ("spec.clusterIP", spec.cluster_ip.as_deref().into_iter().collect()),
@@ -115,10 +143,8 @@ fn ipv4_cluster_ip(spec: &k8s_openapi::api::core::v1::ServiceSpec) -> Result<Opt
     }
     for (i, ip) in ips.iter().enumerate() {
         let field = if field == "spec.clusterIPs" { format!("{field}[{i}]") } else { field.to_string() };
-        match ip.parse::<std::net::IpAddr>() {
-            Ok(std::net::IpAddr::V4(v4)) => return Ok(Some(v4)),
-            Ok(std::net::IpAddr::V6(_)) => {}
-            Err(_) => return Err(invalid(field, format!("{ip:?} is not an IP address"))),
+        if let Some(v4) = ipv4_or_v6(ip, &field)? {
+            return Ok(Some(v4));
         }
     }
     Ok(None)
@@ -134,12 +160,73 @@ pub struct ServicePort {
 }
 
 /// A Service xlb programs. Headless, ExternalName and other proxies' Services are not
-/// represented: `ServiceRecord::from_object` returns `Ok(None)` for them.
+/// represented: `ServiceRecord::from_object` returns `Ok(None)` for them. Addresses and
+/// ranges are the IPv4 ones; IPv6 entries are left out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceRecord {
     pub id: NamespacedName,
     pub cluster_ip: Ipv4Addr,
     pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<Ipv4Addr>,
+    /// LoadBalancer ingress IPs the node answers on: `status.loadBalancer.ingress[].ip` of
+    /// VIP-mode entries. Proxy-mode ones are left to the load balancer, which in-cluster
+    /// clients must then reach rather than be balanced on the node.
+    pub lb_ips: Vec<Ipv4Addr>,
+    /// `spec.loadBalancerSourceRanges` as (network address, prefix length), for `lb_ips`.
+    pub source_ranges: Vec<(Ipv4Addr, u8)>,
+    /// `externalTrafficPolicy: Local`.
+    pub external_policy_local: bool,
+    /// `internalTrafficPolicy: Local`.
+    pub internal_policy_local: bool,
+    /// `sessionAffinity: ClientIP`: the affinity timeout in seconds.
+    pub affinity_timeout_s: Option<u32>,
+}
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API validation).
+const AFFINITY_TIMEOUT_DEFAULT_S: u32 = 10_800;
+const AFFINITY_TIMEOUT_MAX_S: u32 = 86_400;
+
+fn affinity_timeout_s(spec: &ServiceSpec) -> Result<Option<u32>, InvalidField> {
+    if spec.session_affinity.as_deref() != Some("ClientIP") {
+        return Ok(None);
+    }
+    let configured = spec.session_affinity_config.as_ref().and_then(|c| c.client_ip.as_ref());
+    let Some(seconds) = configured.and_then(|c| c.timeout_seconds) else {
+        return Ok(Some(AFFINITY_TIMEOUT_DEFAULT_S));
+    };
+    match u32::try_from(seconds) {
+        Ok(s) if (1..=AFFINITY_TIMEOUT_MAX_S).contains(&s) => Ok(Some(s)),
+        _ => Err(invalid(
+            "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+            format!("{seconds} is not in 1-{AFFINITY_TIMEOUT_MAX_S}"),
+        )),
+    }
+}
+
+/// Only VIP-mode ingress IPs (`ipMode` absent or `VIP`) are programmed, as kube-proxy does.
+/// Entries with only a hostname have no IP to program.
+fn lb_ingress_ips(svc: &Service) -> Result<Vec<Ipv4Addr>, InvalidField> {
+    let ingress =
+        svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
+    let mut ips = Vec::new();
+    for (i, entry) in ingress.into_iter().flatten().enumerate() {
+        let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else { continue };
+        if matches!(entry.ip_mode.as_deref(), None | Some("VIP")) {
+            ips.extend(ipv4_or_v6(ip, &format!("status.loadBalancer.ingress[{i}].ip"))?);
+        }
+    }
+    Ok(ips)
+}
+
+/// The IPv4 entries of list `field`, each read by `parse` (which skips IPv6 ones).
+fn ipv4_entries<T>(
+    list: &Option<Vec<String>>,
+    field: &str,
+    parse: fn(&str, &str) -> Result<Option<T>, InvalidField>,
+) -> Result<Vec<T>, InvalidField> {
+    let entries = list.iter().flatten().enumerate();
+    entries.filter_map(|(i, value)| parse(value, &format!("{field}[{i}]")).transpose()).collect()
 }
 
 impl ServiceRecord {
@@ -177,7 +264,24 @@ impl ServiceRecord {
                 node_port,
             });
         }
-        Ok(Some(Self { id, cluster_ip, ports }))
+        // Ingress IPs and source ranges only mean something for a LoadBalancer.
+        let (lb_ips, source_ranges) = if svc_type == "LoadBalancer" {
+            let ranges = &spec.load_balancer_source_ranges;
+            (lb_ingress_ips(svc)?, ipv4_entries(ranges, "spec.loadBalancerSourceRanges", ipv4_cidr_or_v6)?)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        Ok(Some(Self {
+            id,
+            cluster_ip,
+            ports,
+            external_ips: ipv4_entries(&spec.external_ips, "spec.externalIPs", ipv4_or_v6)?,
+            lb_ips,
+            source_ranges,
+            external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            affinity_timeout_s: affinity_timeout_s(spec)?,
+        }))
     }
 }
 
@@ -261,16 +365,9 @@ impl NodeRecord {
         let mut internal_ip = None;
         let addresses = node.status.as_ref().and_then(|s| s.addresses.as_ref());
         for (i, a) in addresses.into_iter().flatten().enumerate() {
+            // A dual-stack node lists an IPv6 InternalIP too; only IPv4 matters here.
             if a.type_ == "InternalIP" && internal_ip.is_none() {
-                // A dual-stack node lists an IPv6 InternalIP too; only IPv4 matters here.
-                if let Ok(ip) = a.address.parse::<Ipv4Addr>() {
-                    internal_ip = Some(ip);
-                } else if !a.address.contains(':') {
-                    return Err(invalid(
-                        format!("status.addresses[{i}].address"),
-                        format!("{:?} is not an IP address", a.address),
-                    ));
-                }
+                internal_ip = ipv4_or_v6(&a.address, &format!("status.addresses[{i}].address"))?;
             }
         }
         Ok(Self { name, internal_ip })
@@ -503,8 +600,142 @@ mod tests {
                     },
                     ServicePort { name: "".into(), protocol: Protocol::Udp, port: 53, node_port: None },
                 ],
+                external_ips: vec![],
+                lb_ips: vec![],
+                source_ranges: vec![],
+                external_policy_local: false,
+                internal_policy_local: false,
+                affinity_timeout_s: None,
             })
         );
+    }
+
+    /// A LoadBalancer Service `web` with `spec_extra` added to its spec and the given
+    /// flow-style `status.loadBalancer.ingress` list.
+    fn lb_svc(spec_extra: &str, ingress: &str) -> Object {
+        object(&format!(
+            "kind: Service\nmetadata: {{name: web}}\nspec: {{type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}]{spec_extra}}}\nstatus: {{loadBalancer: {{ingress: {ingress}}}}}\n"
+        ))
+    }
+
+    fn lb_record(spec_extra: &str, ingress: &str) -> ServiceRecord {
+        service_record(&lb_svc(spec_extra, ingress)).unwrap().unwrap()
+    }
+
+    #[test]
+    fn external_ips_are_the_ipv4_ones_and_a_bad_one_is_rejected_with_its_index() {
+        let record = |ips: &str| {
+            service_record(&svc(
+                "web",
+                &format!("{{clusterIP: 10.96.0.10, externalIPs: {ips}, ports: [{{port: 80}}]}}"),
+            ))
+        };
+        assert_eq!(
+            record("[203.0.113.7, '2001:db8::7', 203.0.113.8]").unwrap().unwrap().external_ips,
+            vec![ip("203.0.113.7"), ip("203.0.113.8")]
+        );
+        assert_eq!(
+            record("[203.0.113.7, 203.0.113.300]").unwrap_err(),
+            InvalidField {
+                field: "spec.externalIPs[1]".into(),
+                reason: "\"203.0.113.300\" is not an IP address".into()
+            }
+        );
+    }
+
+    #[test]
+    fn lb_ips_are_the_ipv4_vip_mode_ingress_ips_of_a_load_balancer() {
+        let ingress = "[{ip: 203.0.113.1}, {ip: 203.0.113.2, ipMode: VIP}, {ip: 203.0.113.3, ipMode: Proxy}, {hostname: lb.example.com}, {ip: '2001:db8::1'}]";
+        assert_eq!(lb_record("", ingress).lb_ips, vec![ip("203.0.113.1"), ip("203.0.113.2")]);
+        let no_status = svc("web", "{type: LoadBalancer, clusterIP: 10.96.0.10, ports: [{port: 80}]}");
+        assert_eq!(service_record(&no_status).unwrap().unwrap().lb_ips, Vec::<Ipv4Addr>::new());
+        assert_eq!(
+            field_err(service_record(&lb_svc("", "[{ip: 203.0.113.1}, {ip: lb.example.com}]"))),
+            "status.loadBalancer.ingress[1].ip"
+        );
+    }
+
+    #[test]
+    fn ingress_ips_and_source_ranges_of_other_types_are_ignored_unvalidated() {
+        let obj = object(
+            "kind: Service\nmetadata: {name: web}\nspec: {type: NodePort, clusterIP: 10.96.0.10, loadBalancerSourceRanges: [bad], ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.1}]}}\n",
+        );
+        let record = service_record(&obj).unwrap().unwrap();
+        assert_eq!((record.lb_ips, record.source_ranges), (vec![], vec![]));
+    }
+
+    #[test]
+    fn source_ranges_are_normalised_to_the_network_address_and_ipv6_ranges_left_out() {
+        let record = lb_record(
+            ", loadBalancerSourceRanges: [10.1.2.3/8, ' 198.18.0.100/32 ', '2001:db8::/32', 192.168.1.77/0, 172.16.5.4/22]",
+            "[]",
+        );
+        assert_eq!(
+            record.source_ranges,
+            vec![(ip("10.0.0.0"), 8), (ip("198.18.0.100"), 32), (ip("0.0.0.0"), 0), (ip("172.16.4.0"), 22)]
+        );
+    }
+
+    #[test]
+    fn bad_source_range_is_rejected_with_its_index() {
+        for bad in ["10.0.0.0", "10.0.0.0/33", "10.0.0.0/x", "10.0.0/8", "/8", "10.0.0.0/-1"] {
+            let spec_extra = format!(", loadBalancerSourceRanges: [10.0.0.0/8, '{bad}']");
+            assert_eq!(
+                service_record(&lb_svc(&spec_extra, "[]")).unwrap_err(),
+                InvalidField {
+                    field: "spec.loadBalancerSourceRanges[1]".into(),
+                    reason: format!("{bad:?} is not a CIDR (address/prefix length)")
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn traffic_policies_are_local_only_when_set_to_local() {
+        let policies = |extra: &str| {
+            let r = lb_record(extra, "[]");
+            (r.external_policy_local, r.internal_policy_local)
+        };
+        assert_eq!(policies(""), (false, false));
+        assert_eq!(
+            policies(", externalTrafficPolicy: Cluster, internalTrafficPolicy: Cluster"),
+            (false, false)
+        );
+        assert_eq!(policies(", externalTrafficPolicy: Local"), (true, false));
+        assert_eq!(policies(", internalTrafficPolicy: Local"), (false, true));
+    }
+
+    #[test]
+    fn client_ip_affinity_timeout_defaults_to_10800_and_must_be_1_to_86400() {
+        let timeout = |extra: &str| {
+            service_record(&svc("web", &format!("{{clusterIP: 10.96.0.10, ports: [{{port: 80}}]{extra}}}")))
+                .map(|r| r.unwrap().affinity_timeout_s)
+        };
+        assert_eq!(timeout(""), Ok(None));
+        assert_eq!(timeout(", sessionAffinity: None"), Ok(None));
+        assert_eq!(timeout(", sessionAffinity: ClientIP"), Ok(Some(10_800)));
+        assert_eq!(
+            timeout(", sessionAffinity: ClientIP, sessionAffinityConfig: {clientIP: {}}"),
+            Ok(Some(10_800))
+        );
+        let with = |s: i64| {
+            format!(
+                ", sessionAffinity: ClientIP, sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {s}}}}}"
+            )
+        };
+        assert_eq!(timeout(&with(1)), Ok(Some(1)));
+        assert_eq!(timeout(&with(86_400)), Ok(Some(86_400)));
+        for bad in [0, -1, 86_401] {
+            assert_eq!(
+                timeout(&with(bad)),
+                Err(InvalidField {
+                    field: "spec.sessionAffinityConfig.clientIP.timeoutSeconds".into(),
+                    reason: format!("{bad} is not in 1-86400")
+                })
+            );
+        }
+        // Without ClientIP affinity the config does not count.
+        assert_eq!(timeout(&with(0).replace("ClientIP,", "None,")), Ok(None));
     }
 
     #[test]

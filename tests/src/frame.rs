@@ -1,7 +1,7 @@
 //! Ethernet + IPv4 + TCP/UDP frames with every checksum computed from scratch, for
 //! BPF_PROG_TEST_RUN fixtures: comparing a program's output with a frame built here checks
 //! the program's incremental checksum updates byte for byte.
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -97,6 +97,58 @@ fn packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, segment: &[u8]) -> Ve
     ethernet(&mut frame);
     frame.extend_from_slice(&ipv4_header(src, dst, proto, segment.len()));
     frame.extend_from_slice(segment);
+    frame
+}
+
+const PROTO_ICMP: u8 = 1;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_PORT_UNREACH: u8 = 3;
+pub const ICMP_FRAG_NEEDED: u8 = 4;
+
+/// An ICMP error from `src` to `dst` quoting `quoted` (an IPv4 header and what follows of
+/// the packet it is about); `rest` is the header's second word (the MTU for "fragmentation
+/// needed").
+pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&rest);
+    msg.extend_from_slice(quoted);
+    let c = checksum(&[&msg]);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    packet(SocketAddrV4::new(src, 0), SocketAddrV4::new(dst, 0), PROTO_ICMP, &msg)
+}
+
+/// The IPv4 packet of a frame built here, cut after `l4_bytes` of its TCP/UDP header: what an
+/// ICMP error quotes.
+pub fn quote(frame: &[u8], l4_bytes: usize) -> &[u8] {
+    &frame[offset::IP_VER_IHL..(offset::L4 + l4_bytes).min(frame.len())]
+}
+
+/// What the balancer answers `rejected` (a frame to a Service without endpoints) with: an
+/// ICMP port unreachable from the frontend back to the sender, Ethernet addresses swapped,
+/// IPv4 header as Linux sends ICMP errors (TOS 0xc0, no id, TTL 64), quoting 28 bytes.
+pub fn reject_of(rejected: &[u8]) -> Vec<u8> {
+    let ip = &rejected[offset::IP_VER_IHL..];
+    let (src, dst) = (Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()), Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()));
+    let mut msg = vec![ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
+    msg.extend_from_slice(quote(rejected, 8));
+    let c = checksum(&[&msg]);
+    msg[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut h = [0u8; 20];
+    h[0] = 0x45;
+    h[1] = 0xc0;
+    h[2..4].copy_from_slice(&((20 + msg.len()) as u16).to_be_bytes());
+    h[8] = 64;
+    h[9] = PROTO_ICMP;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&[&h]);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&rejected[6..12]);
+    frame.extend_from_slice(&rejected[0..6]);
+    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&h);
+    frame.extend_from_slice(&msg);
     frame
 }
 

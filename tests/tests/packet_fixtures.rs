@@ -10,13 +10,13 @@ use aya::{
 };
 use lb_common::{
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN},
-    conntrack::{CtEntry, CtKey, CT_DIR_FORWARD, CT_DIR_REPLY, CT_STATE_ESTABLISHED},
+    conntrack::{CtBackend, CtEntry, CtKey, CT_STATE_ESTABLISHED},
     maps,
-    nat::{NatEntry, NAT_DIR_EGRESS, NAT_DIR_INGRESS},
+    nat::NatEntry,
     proto,
 };
 use lb_userspace::{
-    dataplane::{Dataplane, Hook, MapWriter},
+    dataplane::{Dataplane, Hook, MapSizes, MapWriter},
     desired::{self, NodeContext},
     manifests,
     model::Store,
@@ -25,8 +25,10 @@ use xlb_tests::frame::{self, offset, ACK, SYN};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 
 const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 40000);
@@ -38,6 +40,7 @@ const POD_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 10), 808
 const NP_LOCAL: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30080);
 const NP_REMOTE: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30081);
 const NP_EMPTY: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30082);
+const NP_EMPTY_UDP: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30083);
 const CIP_LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 80);
 const CIP_LOCAL_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 53);
 
@@ -80,13 +83,16 @@ metadata: {name: empty, namespace: default}
 spec:
   type: NodePort
   clusterIP: 198.19.0.3
-  ports: [{name: http, port: 80, nodePort: 30082, targetPort: 8080}]
+  ports:
+  - {name: http, port: 80, nodePort: 30082, targetPort: 8080}
+  - {name: dns, port: 53, nodePort: 30083, targetPort: 5353, protocol: UDP}
 "#;
 
 /// The programs of node-a with private maps, seeded with `CLUSTER`.
 struct Harness {
     dp: Dataplane,
     conntrack: HashMap<MapData, CtKey, CtEntry>,
+    ct_service: HashMap<MapData, CtKey, CtBackend>,
     nat: HashMap<MapData, CtKey, NatEntry>,
     _writer: MapWriter,
 }
@@ -94,7 +100,8 @@ struct Harness {
 impl Harness {
     fn new() -> Self {
         // Room for every SNAT port of one backend, twice (see the SNAT exhaustion tests).
-        let mut dp = Dataplane::load_unpinned(16_384).expect("load programs (needs root)");
+        let sizes = MapSizes { conntrack: 16_384, ..MapSizes::default() };
+        let mut dp = Dataplane::load_unpinned(sizes).expect("load programs (needs root)");
         let mut writer = MapWriter::open(&mut dp).expect("maps");
         let mut store = Store::default();
         for object in manifests::parse_str(CLUSTER).expect("fixture YAML").objects {
@@ -104,8 +111,9 @@ impl Harness {
         let report = writer.sync(&desired::compute(&store, &node));
         assert!(report.failures.is_empty(), "{:?}", report.failures);
         let conntrack = dp.take_map(maps::CONNTRACK).unwrap().try_into().unwrap();
+        let ct_service = dp.take_map(maps::CT_SERVICE).unwrap().try_into().unwrap();
         let nat = dp.take_map(maps::NAT).unwrap().try_into().unwrap();
-        Self { dp, conntrack, nat, _writer: writer }
+        Self { dp, conntrack, ct_service, nat, _writer: writer }
     }
 
     /// Runs `hook`'s program on `input`: (verdict, output frame).
@@ -123,21 +131,20 @@ impl Harness {
     }
 
     fn entries(&self) -> usize {
-        self.conntrack.keys().count() + self.nat.keys().count()
+        self.conntrack.keys().count() + self.ct_service.keys().count() + self.nat.keys().count()
+    }
+
+    /// The connection `client → backend` (after DNAT).
+    fn connection(&self, client: SocketAddrV4, backend: SocketAddrV4, proto: u8) -> CtEntry {
+        let key = CtKey::new(*client.ip(), client.port(), *backend.ip(), backend.port(), proto);
+        self.conntrack.get(&key, 0).expect("conntrack entry")
     }
 
     /// The SNAT source the egress program will use for the DNATed tuple `client → backend`.
     fn snat_source(&self, client: SocketAddrV4, backend: SocketAddrV4) -> SocketAddrV4 {
-        let key = CtKey::new(
-            *client.ip(),
-            client.port(),
-            *backend.ip(),
-            backend.port(),
-            proto::TCP,
-            NAT_DIR_EGRESS,
-        );
-        let entry = self.nat.get(&key, 0).expect("SNAT binding");
-        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.addr)), u16::from_be(entry.port))
+        let entry = self.connection(client, backend, proto::TCP);
+        assert_ne!(entry.snat_addr, 0, "the connection is SNATed");
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.snat_addr)), u16::from_be(entry.snat_port))
     }
 }
 
@@ -154,27 +161,29 @@ fn be(addr: SocketAddrV4) -> (u32, u16) {
 }
 
 /// Binds every SNAT port towards `POD_B` to another client; with `live`, each of those
-/// connections also has a fresh conntrack reply entry.
+/// connections also has a fresh conntrack entry using its binding.
 fn bind_every_snat_port(h: &mut Harness, live: bool) {
     let now = monotonic_ns();
     for (i, port) in (SNAT_PORT_MIN..=SNAT_PORT_MAX).enumerate() {
         let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), 1024 + i as u16);
         let (addr, cport) = be(client);
-        let ingress = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, port, proto::TCP, NAT_DIR_INGRESS);
-        h.nat.insert(ingress, NatEntry { addr, port: cport, _pad: 0, last_seen_ns: now }, 0).unwrap();
+        let reply = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, port, proto::TCP);
+        h.nat.insert(reply, NatEntry { addr, port: cport, _pad: 0 }, 0).unwrap();
         if live {
-            let reply =
-                CtKey::new(*POD_B.ip(), POD_B.port(), *client.ip(), client.port(), proto::TCP, CT_DIR_REPLY);
+            let key = CtKey::new(*client.ip(), client.port(), *POD_B.ip(), POD_B.port(), proto::TCP);
             let (fa, fp) = be(NP_REMOTE);
             let entry = CtEntry {
-                nat_addr: fa,
-                nat_port: fp,
+                frontend_addr: fa,
+                frontend_port: fp,
+                snat_addr: u32::from(NODE_A).to_be(),
+                snat_port: port.to_be(),
                 state: CT_STATE_ESTABLISHED,
+                flags: 0,
                 _pad: 0,
                 created_ns: now,
                 last_seen_ns: now,
             };
-            h.conntrack.insert(reply, entry, 0).unwrap();
+            h.conntrack.insert(key, entry, 0).unwrap();
         }
     }
 }
@@ -298,14 +307,19 @@ fn udp_checksums_are_updated_or_left_absent() {
     );
 }
 
-/// A Service without endpoints drops new connections instead of passing them to the node.
+/// A Service without endpoints rejects new connections as kube-proxy does: the packet comes
+/// back as an ICMP port unreachable from the frontend (XDP_TX at XDP, a redirect out of the
+/// pod's interface at TC), for TCP and UDP.
 #[test]
-fn service_without_endpoints_drops() {
+fn service_without_endpoints_rejects_with_port_unreachable() {
     let h = Harness::new();
     let input = frame::tcp(CLIENT, NP_EMPTY, SYN);
-    assert_frame("XDP", h.run(Hook::XdpIngress, &input), XDP_DROP, &input);
-    assert_frame("TC", h.run(Hook::TcIngress, &input), TC_ACT_SHOT, &input);
-    assert_eq!(h.entries(), 0, "no state for a dropped connection");
+    assert_frame("XDP", h.run(Hook::XdpIngress, &input), XDP_TX, &frame::reject_of(&input));
+    let from_pod = frame::tcp(POD_A2, NP_EMPTY, SYN);
+    assert_frame("TC", h.run(Hook::TcIngress, &from_pod), TC_ACT_REDIRECT, &frame::reject_of(&from_pod));
+    let udp = frame::udp(CLIENT, NP_EMPTY_UDP, true);
+    assert_frame("XDP UDP", h.run(Hook::XdpIngress, &udp), XDP_TX, &frame::reject_of(&udp));
+    assert_eq!(h.entries(), 0, "no state for a rejected connection");
 }
 
 /// Traffic that is not addressed to a frontend, and replies nobody tracked, pass unchanged.
@@ -375,8 +389,8 @@ fn snat_ports_of_finished_connections_are_reused() {
         &frame::tcp(CLIENT, POD_B, SYN),
     );
     let snat = h.snat_source(CLIENT, POD_B);
-    let ingress = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, snat.port(), proto::TCP, NAT_DIR_INGRESS);
-    let bound = h.nat.get(&ingress, 0).expect("ingress binding");
+    let reply = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, snat.port(), proto::TCP);
+    let bound = h.nat.get(&reply, 0).expect("SNAT binding");
     assert_eq!(bound.addr, be(CLIENT).0, "the taken-over port now leads back to the new client");
 }
 
@@ -390,25 +404,41 @@ fn new_connection_is_dropped_when_every_snat_port_is_live() {
     assert_frame("SYN", h.run(Hook::XdpIngress, &input), XDP_DROP, &input);
 }
 
-/// A connection lives while either direction is fresh: a client packet after its own entry
-/// went idle past the timeout keeps the backend (and the entry) the reply side kept alive.
+/// Both directions of a connection meet one conntrack entry, keyed by the client → backend
+/// tuple: the client's SYN creates it, the backend's SYN-ACK (at egress) marks it replied and
+/// the client's ACK makes it established.
 #[test]
-fn a_fresh_reply_half_keeps_the_connection() {
+fn both_directions_meet_one_conntrack_entry() {
+    let h = Harness::new();
+    h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN));
+    let created = h.connection(CLIENT, POD_A, proto::TCP);
+    h.run(Hook::TcEgress, &frame::tcp(POD_A, CLIENT, SYN | ACK));
+    h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, ACK));
+    let after = h.connection(CLIENT, POD_A, proto::TCP);
+    assert_eq!(h.conntrack.keys().count(), 1, "one entry per connection");
+    assert_eq!(after.created_ns, created.created_ns, "the same entry");
+    assert_eq!(after.state, CT_STATE_ESTABLISHED);
+    assert_ne!(after.flags & lb_common::conntrack::CT_F_REPLIED, 0, "the reply was seen on it");
+    assert_eq!((after.frontend_addr, after.frontend_port), be(NP_LOCAL));
+}
+
+/// An entry past its idle timeout counts as absent: the next SYN on the same tuple opens a
+/// new connection (a new entry), not a continuation of the old one.
+#[test]
+fn an_expired_connection_is_balanced_anew() {
     let mut h = Harness::new();
     h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN));
-    h.run(Hook::TcEgress, &frame::tcp(POD_A, CLIENT, SYN | ACK));
-    let forward =
-        CtKey::new(*CLIENT.ip(), CLIENT.port(), NODE_A, NP_LOCAL.port(), proto::TCP, CT_DIR_FORWARD);
-    let mut entry = h.conntrack.get(&forward, 0).unwrap();
+    let key = CtKey::new(*CLIENT.ip(), CLIENT.port(), *POD_A.ip(), POD_A.port(), proto::TCP);
+    let mut entry = h.connection(CLIENT, POD_A, proto::TCP);
     entry.last_seen_ns = 1; // idle for as long as the machine is up
-    h.conntrack.insert(forward, entry, 0).unwrap();
+    h.conntrack.insert(key, entry, 0).unwrap();
+    let stray_reply = frame::tcp(POD_A, CLIENT, ACK);
+    assert_frame("reply of the expired connection", h.run(Hook::TcEgress, &stray_reply), TC_ACT_OK, &stray_reply);
     assert_frame(
-        "ACK",
-        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, ACK)),
+        "SYN",
+        h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_LOCAL, SYN)),
         XDP_PASS,
-        &frame::tcp(CLIENT, POD_A, ACK),
+        &frame::tcp(CLIENT, POD_A, SYN),
     );
-    let after = h.conntrack.get(&forward, 0).unwrap();
-    assert_eq!(after.created_ns, entry.created_ns, "the same connection, not a new one");
-    assert!(after.last_seen_ns > 1);
+    assert!(h.connection(CLIENT, POD_A, proto::TCP).created_ns > 1, "a new entry");
 }

@@ -5,6 +5,9 @@
 //!   restarted agent keeps the services, backends and connections of the one before;
 //! - `links/<hook>@<interface>`: one bpf_link per attachment. A restarted agent swaps its
 //!   program into the existing link atomically (`bpf_link_update`): no packet goes unhandled.
+//! - `links/<sock hook>@cgroup`: the socket balancing programs on the `--cgroup-path`
+//!   cgroup. A restarted agent attaches its programs next to the old ones, then replaces the
+//!   pins, which detaches the old ones: a socket always meets at least one.
 use std::{
     io,
     path::{Path, PathBuf},
@@ -13,10 +16,10 @@ use std::{
 use aya::{
     maps::Map,
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{CgroupAttachMode, FdLink, PinnedLink},
         tc::SchedClassifierLink,
         xdp::XdpLink,
-        ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -77,25 +80,50 @@ impl Hook {
     }
 }
 
+/// The socket balancing programs, attached to one cgroup for the node's processes.
+const SOCKET_PROGRAMS: [&str; 4] =
+    ["xlb_sock_connect4", "xlb_sock_sendmsg4", "xlb_sock_recvmsg4", "xlb_sock_getpeername4"];
+
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     links_dir: Option<PathBuf>,
 }
 
-fn loader<'a>(conntrack_size: u32) -> EbpfLoader<'a> {
+/// Map sizes: the agent's `--max-services`, `--max-backends` and `--conntrack-size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    /// Sizes the conntrack, service conntrack and SNAT tables alike.
+    pub conntrack: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self { services: maps::SERVICES_MAX, backends: maps::BACKENDS_MAX, conntrack: maps::CONNTRACK_MAX }
+    }
+}
+
+fn loader<'a>(sizes: MapSizes) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    loader.map_max_entries(maps::CONNTRACK, conntrack_size).map_max_entries(maps::NAT, conntrack_size);
+    loader
+        .map_max_entries(maps::SERVICES, sizes.services)
+        .map_max_entries(maps::BACKENDS, sizes.backends)
+        .map_max_entries(maps::CT_SERVICE, sizes.conntrack)
+        .map_max_entries(maps::CONNTRACK, sizes.conntrack)
+        .map_max_entries(maps::NAT, sizes.conntrack);
     loader
 }
 
 impl Dataplane {
     /// Loads the programs with every map pinned under `dir` (reusing pinned maps).
-    pub fn load_pinned(dir: &Path, conntrack_size: u32) -> Result<Self> {
+    /// A map pinned by an earlier agent keeps its size: pinned maps are reused as they are.
+    pub fn load_pinned(dir: &Path, sizes: MapSizes) -> Result<Self> {
         let links_dir = dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
         let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
-        let mut loader = loader(conntrack_size);
+        let mut loader = loader(sizes);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
@@ -106,8 +134,8 @@ impl Dataplane {
     }
 
     /// Loads the programs with private maps: for BPF_PROG_TEST_RUN, nothing is attached.
-    pub fn load_unpinned(conntrack_size: u32) -> Result<Self> {
-        let ebpf = loader(conntrack_size).load(EBPF_OBJECT)?;
+    pub fn load_unpinned(sizes: MapSizes) -> Result<Self> {
+        let ebpf = loader(sizes).load(EBPF_OBJECT)?;
         let mut dp = Self { ebpf, links_dir: None };
         dp.load_programs()?;
         Ok(dp)
@@ -121,6 +149,10 @@ impl Dataplane {
             let tc: &mut SchedClassifier = self.program_mut(hook)?;
             tc.load().map_err(|source| DataplaneError::Program { program: hook.program(), source })?;
         }
+        for name in SOCKET_PROGRAMS {
+            let sock: &mut CgroupSockAddr = self.named_program_mut(name)?;
+            sock.load().map_err(|source| DataplaneError::Program { program: name, source })?;
+        }
         Ok(())
     }
 
@@ -128,7 +160,13 @@ impl Dataplane {
     where
         &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
-        let name = hook.program();
+        self.named_program_mut(hook.program())
+    }
+
+    fn named_program_mut<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
         let program = self
             .ebpf
             .program_mut(name)
@@ -186,6 +224,32 @@ impl Dataplane {
             }
         };
         link.pin(&pin).map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
+        Ok(())
+    }
+
+    /// Attaches the socket balancing programs to the cgroup v2 directory `cgroup` (the node's
+    /// processes in it and below). Replaces the programs of an earlier agent without a gap.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let links_dir = self.links_dir.clone().expect("attach needs a pinned dataplane");
+        let cgroup_dir = std::fs::File::open(cgroup).map_err(io_err(cgroup))?;
+        for name in SOCKET_PROGRAMS {
+            let attach_err = |source: Box<dyn std::error::Error + Send + Sync>| DataplaneError::Attach {
+                hook: name,
+                interface: cgroup.display().to_string(),
+                source,
+            };
+            let sock: &mut CgroupSockAddr = self.named_program_mut(name)?;
+            let id = sock.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(|e| attach_err(e.into()))?;
+            let link = FdLink::try_from(sock.take_link(id).map_err(|e| attach_err(e.into()))?)
+                .map_err(|e| attach_err(e.into()))?;
+            // Pin under a temporary name, then rename over the old pin: the old link loses its
+            // last reference and detaches only once the new one is in place.
+            let pin = links_dir.join(format!("{name}@cgroup"));
+            let staged = links_dir.join(format!(".{name}@cgroup.new"));
+            let _ = std::fs::remove_file(&staged);
+            link.pin(&staged).map_err(|source| DataplaneError::Pin { path: staged.clone(), source })?;
+            std::fs::rename(&staged, &pin).map_err(io_err(&pin))?;
+        }
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 pub mod loader;
 pub mod writer;
 
-pub use loader::{cleanup, Dataplane, DataplaneError, Hook};
+pub use loader::{cleanup, Dataplane, DataplaneError, Hook, MapSizes};
 pub use writer::{MapWriter, SyncReport};
 
 /// The compiled lb-ebpf object, built by build.rs through aya-build.

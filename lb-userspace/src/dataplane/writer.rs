@@ -1,23 +1,31 @@
 //! The one map writer: diffs desired state against what the maps hold and writes only the
 //! difference, in an order that never shows a packet a half-built Service.
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    Array, HashMap, MapData, MapError,
+};
 use lb_common::{
     backend::{Backend, BackendKey},
     config::NodeConfig,
     maps,
     service::{ServiceKey, ServiceValue},
+    source_range::{SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS},
 };
 
 use super::{Dataplane, DataplaneError};
-use crate::desired::DesiredState;
+use crate::desired::{DesiredState, SourceRange};
 
 /// What one sync did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct SyncReport {
     pub frontends: usize,
     pub backends: usize,
+    pub source_ranges: usize,
     pub written: usize,
     pub deleted: usize,
     /// One line per entry that could not be written (e.g. a full map), naming the group.
@@ -27,16 +35,87 @@ pub struct SyncReport {
 pub struct MapWriter {
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     backends: HashMap<MapData, BackendKey, Backend>,
+    source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     config: Array<MapData, NodeConfig>,
     /// What the maps hold, as far as this writer knows: read back from the maps at open,
     /// so a restarted agent adopts pinned state and prunes only what is no longer right.
     frontends: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<BackendKey, Backend>,
+    ranges: BTreeSet<SourceRange>,
     node_config: NodeConfig,
 }
 
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
     move |source| DataplaneError::Map { name, source }
+}
+
+fn trie_key(&(frontend, addr, prefix_len): &SourceRange) -> Key<SourceRangeKey> {
+    let data = SourceRangeKey { frontend, client_addr: u32::from(addr).to_be() };
+    Key::new(SOURCE_RANGE_FRONTEND_BITS + u32::from(prefix_len), data)
+}
+
+/// The inverse of `trie_key` for the entries this writer made (prefix lengths 64-96).
+fn source_range(key: &Key<SourceRangeKey>) -> SourceRange {
+    let data = key.data();
+    let prefix_len = key.prefix_len().saturating_sub(SOURCE_RANGE_FRONTEND_BITS) as u8;
+    (data.frontend, Ipv4Addr::from(u32::from_be(data.client_addr)), prefix_len)
+}
+
+/// `addr:port` of a frontend, for messages.
+fn frontend_name(key: &ServiceKey) -> String {
+    format!("{}:{}", key.ip(), key.host_port())
+}
+
+/// Numeric ids for the desired groups. A group keeps an id the frontends in the maps already
+/// use if every use of it (as `group_id` or `internal_group_id`) stays on this group, so
+/// rewriting its slots never sends another group's clients to these backends, even briefly;
+/// other groups get ids nothing in the maps uses.
+fn group_ids(
+    frontends: &BTreeMap<ServiceKey, ServiceValue>,
+    slots: &BTreeMap<BackendKey, Backend>,
+    desired: &DesiredState,
+) -> BTreeMap<String, u32> {
+    // Per id: the group each frontend reading it through that field is to read now.
+    let mut wanted_on_id: BTreeMap<u32, Vec<Option<&String>>> = BTreeMap::new();
+    for (key, value) in frontends {
+        let wanted = desired.frontends.get(key);
+        wanted_on_id.entry(value.group_id).or_default().push(wanted.map(|f| &f.group));
+        wanted_on_id.entry(value.internal_group_id).or_default().push(wanted.map(|f| &f.internal_group));
+    }
+    let mut ids = BTreeMap::new();
+    for (id, wanted) in &wanted_on_id {
+        if let Some(Some(name)) = wanted.first() {
+            if wanted.iter().all(|w| *w == Some(*name)) && !ids.contains_key(*name) {
+                ids.insert((*name).clone(), *id);
+            }
+        }
+    }
+    let in_use: BTreeSet<u32> =
+        wanted_on_id.keys().copied().chain(slots.keys().map(|k| k.group_id)).collect();
+    let mut next = 1u32;
+    for name in desired.groups.keys() {
+        if !ids.contains_key(name) {
+            while in_use.contains(&next) {
+                next += 1;
+            }
+            ids.insert(name.clone(), next);
+            next += 1;
+        }
+    }
+    ids
+}
+
+/// Per group id, how many of its slots the frontends may pick from: the highest count any
+/// frontend reads it with.
+fn slots_read(frontends: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, u16> {
+    let mut read: BTreeMap<u32, u16> = BTreeMap::new();
+    for v in frontends.values() {
+        for (id, count) in [(v.group_id, v.backend_count), (v.internal_group_id, v.internal_count)] {
+            let max = read.entry(id).or_default();
+            *max = (*max).max(count);
+        }
+    }
+    read
 }
 
 impl MapWriter {
@@ -45,74 +124,46 @@ impl MapWriter {
             dp.take_map(maps::SERVICES)?.try_into().map_err(map_err(maps::SERVICES))?;
         let backends: HashMap<_, BackendKey, Backend> =
             dp.take_map(maps::BACKENDS)?.try_into().map_err(map_err(maps::BACKENDS))?;
+        let source_ranges: LpmTrie<_, SourceRangeKey, u8> =
+            dp.take_map(maps::SOURCE_RANGES)?.try_into().map_err(map_err(maps::SOURCE_RANGES))?;
         let config: Array<_, NodeConfig> =
             dp.take_map(maps::CONFIG)?.try_into().map_err(map_err(maps::CONFIG))?;
         let frontends = services.iter().collect::<Result<_, _>>().map_err(map_err(maps::SERVICES))?;
         let slots = backends.iter().collect::<Result<_, _>>().map_err(map_err(maps::BACKENDS))?;
+        let ranges = source_ranges
+            .keys()
+            .map(|key| key.map(|k| source_range(&k)))
+            .collect::<Result<_, _>>()
+            .map_err(map_err(maps::SOURCE_RANGES))?;
         let node_config = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
-        Ok(Self { services, backends, config, frontends, slots, node_config })
+        Ok(Self { services, backends, source_ranges, config, frontends, slots, ranges, node_config })
     }
 
-    /// Numeric ids for the desired groups. A group keeps the id its frontends already point
-    /// to in the maps, if every frontend on that id stays in the group (so rewriting its slots
-    /// never sends another Service's frontend to this group's backends, even briefly); other
-    /// groups get ids no entry in the maps uses.
-    fn group_ids(&self, desired: &DesiredState) -> BTreeMap<String, u32> {
-        let mut on_id: BTreeMap<u32, Vec<&ServiceKey>> = BTreeMap::new();
-        for (key, value) in &self.frontends {
-            on_id.entry(value.group_id).or_default().push(key);
-        }
-        let mut ids = BTreeMap::new();
-        let mut taken = BTreeSet::new();
-        for (key, frontend) in &desired.frontends {
-            let Some(current) = self.frontends.get(key) else { continue };
-            let whole_group_stays = on_id[&current.group_id]
-                .iter()
-                .all(|k| desired.frontends.get(*k).is_some_and(|f| f.group == frontend.group));
-            if whole_group_stays && !ids.contains_key(&frontend.group) && taken.insert(current.group_id) {
-                ids.insert(frontend.group.clone(), current.group_id);
-            }
-        }
-        let in_use: BTreeSet<u32> = self
-            .frontends
-            .values()
-            .map(|v| v.group_id)
-            .chain(self.slots.keys().map(|k| k.group_id))
-            .chain(taken.iter().copied())
-            .collect();
-        let mut next = 1u32;
-        for name in desired.groups.keys() {
-            if !ids.contains_key(name) {
-                while in_use.contains(&next) {
-                    next += 1;
-                }
-                ids.insert(name.clone(), next);
-                next += 1;
-            }
-        }
-        ids
-    }
-
-    /// Makes the maps hold `desired`. Order: backend slots, then frontends (add or change),
-    /// then removed frontends, then removed slots: a frontend only ever points at complete
-    /// slots.
+    /// Makes the maps hold `desired`. Order: backend slots, new source ranges, frontends (add
+    /// or change), removed frontends, removed source ranges, removed slots: a frontend only
+    /// ever points at complete slots and finds all of its ranges.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
-        let ids = self.group_ids(desired);
+        let ids = group_ids(&self.frontends, &self.slots, desired);
         let mut target_slots = BTreeMap::new();
         for (name, backends) in &desired.groups {
             for (slot, backend) in backends.iter().enumerate() {
                 target_slots.insert(BackendKey { group_id: ids[name], slot: slot as u32 }, *backend);
             }
         }
+        let count =
+            |name: &String| u16::try_from(desired.groups.get(name).map_or(0, Vec::len)).unwrap_or(u16::MAX);
         let target_frontends: BTreeMap<ServiceKey, ServiceValue> = desired
             .frontends
             .iter()
             .map(|(key, fe)| {
-                let count = desired.groups.get(&fe.group).map_or(0, Vec::len);
                 let value = ServiceValue {
                     group_id: ids[&fe.group],
-                    backend_count: u16::try_from(count).unwrap_or(u16::MAX),
+                    internal_group_id: ids[&fe.internal_group],
+                    backend_count: count(&fe.group),
+                    internal_count: count(&fe.internal_group),
                     flags: fe.flags,
+                    _pad: 0,
+                    affinity_timeout_s: fe.affinity_timeout_s,
                 };
                 (*key, value)
             })
@@ -123,6 +174,7 @@ impl MapWriter {
         let mut report = SyncReport {
             frontends: target_frontends.len(),
             backends: target_slots.len(),
+            source_ranges: desired.source_ranges.len(),
             ..Default::default()
         };
         let mut broken_groups = BTreeSet::new();
@@ -145,16 +197,34 @@ impl MapWriter {
                 }
             }
         }
+        // A range that cannot be written does not hold its frontend back: the frontend then
+        // admits fewer clients than desired, never more.
+        let new_ranges: Vec<SourceRange> = desired.source_ranges.difference(&self.ranges).copied().collect();
+        for range in new_ranges {
+            match self.source_ranges.insert(&trie_key(&range), 1, 0) {
+                Ok(()) => {
+                    self.ranges.insert(range);
+                    report.written += 1;
+                }
+                Err(e) => report.failures.push(format!(
+                    "{}: source range {}/{}: {e}",
+                    frontend_name(&range.0),
+                    range.1,
+                    range.2
+                )),
+            }
+        }
         for (key, value) in &target_frontends {
             if self.frontends.get(key) == Some(value) {
                 continue;
             }
-            if broken_groups.contains(&value.group_id) {
+            if let Some(id) =
+                [value.group_id, value.internal_group_id].into_iter().find(|id| broken_groups.contains(id))
+            {
                 report.failures.push(format!(
-                    "{}: frontend {}:{} left as it was: backends incomplete",
-                    group_of(value.group_id),
-                    key.ip(),
-                    key.host_port()
+                    "{}: frontend {} left as it was: backends incomplete",
+                    group_of(id),
+                    frontend_name(key)
                 ));
                 continue;
             }
@@ -164,10 +234,9 @@ impl MapWriter {
                     report.written += 1;
                 }
                 Err(e) => report.failures.push(format!(
-                    "{}: frontend {}:{}: {e}",
+                    "{}: frontend {}: {e}",
                     group_of(value.group_id),
-                    key.ip(),
-                    key.host_port()
+                    frontend_name(key)
                 )),
             }
         }
@@ -175,25 +244,39 @@ impl MapWriter {
             self.frontends.keys().filter(|k| !target_frontends.contains_key(k)).copied().collect();
         for key in stale_frontends {
             match self.services.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                Ok(()) | Err(MapError::KeyNotFound) => {
                     self.frontends.remove(&key);
                     report.deleted += 1;
                 }
-                Err(e) => {
-                    report.failures.push(format!("removing frontend {}:{}: {e}", key.ip(), key.host_port()))
+                Err(e) => report.failures.push(format!("removing frontend {}: {e}", frontend_name(&key))),
+            }
+        }
+        let stale_ranges: Vec<SourceRange> =
+            self.ranges.difference(&desired.source_ranges).copied().collect();
+        for range in stale_ranges {
+            match self.source_ranges.remove(&trie_key(&range)) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.ranges.remove(&range);
+                    report.deleted += 1;
                 }
+                Err(e) => report.failures.push(format!(
+                    "removing source range {}/{} of {}: {e}",
+                    range.1,
+                    range.2,
+                    frontend_name(&range.0)
+                )),
             }
         }
         // A slot goes only when no frontend, as the maps now hold them, can still pick it
         // (one left as it was because its new backends did not fit keeps its old slots).
-        let still_read = |k: &BackendKey| {
-            self.frontends.values().any(|v| v.group_id == k.group_id && u32::from(v.backend_count) > k.slot)
-        };
+        let read = slots_read(&self.frontends);
+        let still_read =
+            |k: &BackendKey| read.get(&k.group_id).is_some_and(|count| u32::from(*count) > k.slot);
         let stale_slots: Vec<BackendKey> =
             self.slots.keys().filter(|k| !target_slots.contains_key(k) && !still_read(k)).copied().collect();
         for key in stale_slots {
             match self.backends.remove(&key) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {
+                Ok(()) | Err(MapError::KeyNotFound) => {
                     self.slots.remove(&key);
                     report.deleted += 1;
                 }
@@ -214,5 +297,102 @@ impl MapWriter {
             }
         }
         report
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::Frontend;
+    use lb_common::proto::TCP;
+
+    fn key(last: u8) -> ServiceKey {
+        ServiceKey::new(Ipv4Addr::new(10, 96, 0, last), 80, TCP)
+    }
+
+    /// A frontend in the maps reading `group_id` (count 2) and `internal_group_id` (count 1).
+    fn value(group_id: u32, internal_group_id: u32) -> ServiceValue {
+        ServiceValue {
+            group_id,
+            internal_group_id,
+            backend_count: 2,
+            internal_count: 1,
+            flags: 0,
+            _pad: 0,
+            affinity_timeout_s: 0,
+        }
+    }
+
+    /// Desired frontends (key, group, internal group); every named group exists.
+    fn desired(frontends: &[(ServiceKey, &str, &str)]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (key, group, internal_group) in frontends {
+            let fe = Frontend {
+                group: group.to_string(),
+                internal_group: internal_group.to_string(),
+                flags: 0,
+                affinity_timeout_s: 0,
+            };
+            state.frontends.insert(*key, fe);
+            for name in [group, internal_group] {
+                state.groups.insert(name.to_string(), vec![]);
+            }
+        }
+        state
+    }
+
+    fn ids(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
+        pairs.iter().map(|(name, id)| (name.to_string(), *id)).collect()
+    }
+
+    const NO_SLOTS: BTreeMap<BackendKey, Backend> = BTreeMap::new();
+
+    #[test]
+    fn groups_keep_the_ids_they_are_read_through_by_either_field() {
+        let maps = [(key(1), value(5, 5)), (key(2), value(7, 5)), (key(3), value(7, 5))].into();
+        let want =
+            desired(&[(key(1), "web", "web"), (key(2), "web local", "web"), (key(3), "web local", "web")]);
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 5), ("web local", 7)]));
+    }
+
+    #[test]
+    fn an_id_is_not_kept_when_its_frontends_now_want_different_groups() {
+        // key(1) read group 5 through both fields; now its outside clients go to "web local".
+        let maps = [(key(1), value(5, 5))].into();
+        let want = desired(&[(key(1), "web local", "web")]);
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1), ("web local", 2)]));
+        // Or a frontend on the id goes away while another stays.
+        let maps = [(key(1), value(5, 5)), (key(2), value(5, 5))].into();
+        let want = desired(&[(key(1), "web", "web")]);
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1)]));
+    }
+
+    #[test]
+    fn new_ids_skip_every_id_frontends_or_slots_in_the_maps_use() {
+        let maps = [(key(1), value(1, 3))].into();
+        let slots =
+            [(BackendKey { group_id: 2, slot: 0 }, Backend::new(Ipv4Addr::new(10, 244, 1, 1), 80, 0))].into();
+        let want = desired(&[(key(2), "a", "b")]);
+        assert_eq!(group_ids(&maps, &slots, &want), ids(&[("a", 4), ("b", 5)]));
+    }
+
+    #[test]
+    fn slots_read_per_id_is_the_highest_count_through_either_field() {
+        let maps = [(key(1), value(5, 7)), (key(2), value(7, 5))].into();
+        assert_eq!(slots_read(&maps), [(5, 2), (7, 2)].into());
+        let maps = [(key(1), value(5, 7))].into();
+        assert_eq!(slots_read(&maps), [(5, 2), (7, 1)].into());
+    }
+
+    #[test]
+    fn trie_key_puts_the_frontend_before_the_prefix_and_round_trips() {
+        let range = (key(1), Ipv4Addr::new(10, 0, 0, 0), 8);
+        let trie = trie_key(&range);
+        assert_eq!(trie.prefix_len(), 72);
+        assert_eq!(
+            trie.data(),
+            SourceRangeKey { frontend: key(1), client_addr: u32::from_ne_bytes([10, 0, 0, 0]) }
+        );
+        assert_eq!(source_range(&trie), range);
     }
 }
