@@ -120,7 +120,7 @@ pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4
 /// The IPv4 packet of a frame built here, cut after `l4_bytes` of its TCP/UDP header: what an
 /// ICMP error quotes.
 pub fn quote(frame: &[u8], l4_bytes: usize) -> &[u8] {
-    &frame[offset::IP_VER_IHL..(offset::L4 + l4_bytes).min(frame.len())]
+    &frame[offset::IP_VER_IHL..offset::L4.saturating_add(l4_bytes).min(frame.len())]
 }
 
 /// What the balancer answers `rejected` (a frame to a Service without endpoints) with: an
@@ -128,7 +128,10 @@ pub fn quote(frame: &[u8], l4_bytes: usize) -> &[u8] {
 /// IPv4 header as Linux sends ICMP errors (TOS 0xc0, no id, TTL 64), quoting 28 bytes.
 pub fn reject_of(rejected: &[u8]) -> Vec<u8> {
     let ip = &rejected[offset::IP_VER_IHL..];
-    let (src, dst) = (Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()), Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()));
+    let (src, dst) = (
+        Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
+        Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
+    );
     let mut msg = vec![ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
     msg.extend_from_slice(quote(rejected, 8));
     let c = checksum(&[&msg]);
@@ -159,6 +162,44 @@ pub mod offset {
     pub const IP_TOTAL_LEN: usize = 16;
     pub const IP_FLAGS_FRAG: usize = 20;
     pub const L4: usize = 34;
+}
+
+/// `frame` (built here) with `options` (a multiple of 4 bytes, at most 40) after its 20-byte
+/// IPv4 header: header length, total length and header checksum fixed. The TCP/UDP checksum
+/// does not cover IPv4 options, so it stays valid as it is.
+pub fn with_ip_options(frame: &[u8], options: &[u8]) -> Vec<u8> {
+    assert!(options.len().is_multiple_of(4) && options.len() <= 40, "IPv4 options come in 32-bit words");
+    let mut header = frame[offset::IP_VER_IHL..offset::L4].to_vec();
+    header.extend_from_slice(options);
+    header[0] = 0x40 | (header.len() / 4) as u8;
+    let total = u16::from_be_bytes([header[2], header[3]]) + options.len() as u16;
+    header[2..4].copy_from_slice(&total.to_be_bytes());
+    header[10..12].copy_from_slice(&[0, 0]);
+    let c = checksum(&[&header]);
+    header[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut out = frame[..offset::IP_VER_IHL].to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&frame[offset::L4..]);
+    out
+}
+
+/// `frame` (built here) with an 802.1Q tag for `vlan` between the MAC addresses and the
+/// IPv4 ethertype, as a trunk port delivers it when nothing untagged it.
+pub fn vlan_tagged(frame: &[u8], vlan: u16) -> Vec<u8> {
+    const ETH_P_8021Q: u16 = 0x8100;
+    let mut out = frame[..offset::ETHERTYPE].to_vec();
+    out.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+    out.extend_from_slice(&(vlan & 0x0fff).to_be_bytes());
+    out.extend_from_slice(&frame[offset::ETHERTYPE..]);
+    out
+}
+
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+
+/// An ICMP echo request (ping) from `src` to `dst`, identifier 0x1234, sequence 1, carrying
+/// the sentinel payload. It has an error's layout (type, code, checksum, a second word, data).
+pub fn icmp_echo_request(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    icmp_error(src, dst, ICMP_ECHO_REQUEST, 0, [0x12, 0x34, 0, 1], PAYLOAD)
 }
 
 #[cfg(test)]
