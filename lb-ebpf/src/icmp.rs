@@ -14,8 +14,8 @@ use crate::{
     conntrack::{self, Endpoint},
     csum, nat,
     packet::Packet,
-    pipeline::Verdict,
     parse::{ptr_at, Flow, IcmpError, IP_CSUM_OFF, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
+    pipeline::Verdict,
 };
 
 const ICMP_CSUM_OFF: usize = 2;

@@ -28,13 +28,8 @@ pub fn is_snat_port(port: u16) -> bool {
 pub fn client_of(reply: &CtKey, now: u64) -> Option<Endpoint> {
     // SAFETY: copied out at once.
     let client = unsafe { XLB_NAT.get(reply) }.copied()?;
-    let connection = CtKey {
-        saddr: client.addr,
-        sport: client.port,
-        daddr: reply.saddr,
-        dport: reply.sport,
-        ..*reply
-    };
+    let connection =
+        CtKey { saddr: client.addr, sport: client.port, daddr: reply.saddr, dport: reply.sport, ..*reply };
     let entry = conntrack::get(&connection, now)?;
     (entry.snat_addr == reply.daddr && entry.snat_port == reply.dport)
         .then_some(Endpoint { addr: client.addr, port: client.port })

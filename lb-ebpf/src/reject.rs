@@ -56,7 +56,16 @@ pub fn port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Option<()> {
         ip.add(10).cast::<u16>().write_unaligned(ip_csum);
 
         let icmp = ip.add(IP_HLEN);
-        icmp.cast::<[u8; ICMP_HLEN]>().write_unaligned([ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0]);
+        icmp.cast::<[u8; ICMP_HLEN]>().write_unaligned([
+            ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+        ]);
         let icmp_csum = csum::compute(&icmp.cast::<[u16; ICMP_LEN / 2]>().read_unaligned());
         icmp.add(2).cast::<u16>().write_unaligned(icmp_csum);
     }

@@ -57,7 +57,12 @@ fn slot(group_id: u32, slot: u32) -> Option<Backend> {
 /// the client's affinity backend while it is fresh and still in the group, otherwise a
 /// uniformly random slot (remembered when the Service has affinity).
 #[inline(always)]
-pub fn select_backend(svc: &ServiceValue, (group_id, count): (u32, u32), client: u32, now: u64) -> Option<Backend> {
+pub fn select_backend(
+    svc: &ServiceValue,
+    (group_id, count): (u32, u32),
+    client: u32,
+    now: u64,
+) -> Option<Backend> {
     let timeout_ns = svc.affinity_timeout_s as u64 * NS_PER_SEC;
     let key = AffinityKey { client_addr: client, group_id };
     if timeout_ns != 0 {

@@ -71,7 +71,12 @@ pub fn connect(ctx: &SockAddrContext) -> Verdict {
     let Some(backend) = service::select_backend(&svc, group, client, now()) else {
         return Verdict::Allow;
     };
-    let key = SockRevNatKey { cookie: cookie(ctx), backend_addr: backend.addr, backend_port: backend.port, _pad: 0 };
+    let key = SockRevNatKey {
+        cookie: cookie(ctx),
+        backend_addr: backend.addr,
+        backend_port: backend.port,
+        _pad: 0,
+    };
     let value = SockRevNatValue { frontend_addr, frontend_port, _pad: 0 };
     // Without the entry replies would show the backend: better than refusing the socket.
     let _ = XLB_SOCK_REVNAT.insert(key, value, BPF_ANY as u64);

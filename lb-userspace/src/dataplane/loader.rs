@@ -239,7 +239,9 @@ impl Dataplane {
                 source,
             };
             let sock: &mut CgroupSockAddr = self.named_program_mut(name)?;
-            let id = sock.attach(&cgroup_dir, CgroupAttachMode::AllowMultiple).map_err(|e| attach_err(e.into()))?;
+            let id = sock
+                .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
+                .map_err(|e| attach_err(e.into()))?;
             let link = FdLink::try_from(sock.take_link(id).map_err(|e| attach_err(e.into()))?)
                 .map_err(|e| attach_err(e.into()))?;
             // Pin under a temporary name, then rename over the old pin: the old link loses its
