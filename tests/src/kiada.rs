@@ -1,7 +1,10 @@
-//! Client side of the kiada test server: one short HTTP request per connection.
+//! Client side of the kiada test server: one short HTTP request per connection, or one
+//! datagram. Shared by the in-process tests and `kiada get`.
 use std::{
+    fmt,
     io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream},
+    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     time::Duration,
 };
 
@@ -13,6 +16,17 @@ pub struct Reply {
     pub pod: String,
     pub node: String,
     pub client: SocketAddr,
+}
+
+/// The server's answer line (without the newline), the text `parse_reply` reads back.
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Request processed by \"{}\" on node \"{}\". Client IP: {}",
+            self.pod, self.node, self.client
+        )
+    }
 }
 
 /// Parses `Request processed by "POD" on node "NODE". Client IP: ADDR:PORT`.
@@ -29,13 +43,43 @@ pub fn parse_reply(body: &str) -> anyhow::Result<Reply> {
     }
 }
 
-/// One GET over a new connection. Must run inside the client's namespace.
+/// One GET over a new connection, in the calling thread's namespace.
 pub fn get(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
-    let mut stream =
+    get_tcp(addr, timeout).map(|(reply, _)| reply)
+}
+
+/// One GET over a new connection; also returns the peer the socket reports
+/// (`getpeername`), which socket load balancing must keep at the Service address.
+pub fn get_tcp(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<(Reply, SocketAddr)> {
+    let mut stream = connect(addr, timeout)?;
+    let peer = stream.peer_addr().with_context(|| format!("getpeername of the connection to {addr}"))?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("sending to {addr}"))?;
+    Ok((read_reply(stream, addr)?, peer))
+}
+
+/// One POST with a body of `body_len` bytes: large uploads fill full-size segments, which
+/// path MTU discovery must get through.
+pub fn post(addr: SocketAddrV4, body_len: usize, timeout: Duration) -> anyhow::Result<Reply> {
+    let mut stream = connect(addr, timeout)?;
+    write!(
+        stream,
+        "POST / HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {body_len}\r\nConnection: close\r\n\r\n"
+    )
+    .and_then(|()| stream.write_all(&vec![b'x'; body_len]))
+    .with_context(|| format!("sending {body_len} bytes to {addr}"))?;
+    read_reply(stream, addr)
+}
+
+fn connect(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<TcpStream> {
+    let stream =
         TcpStream::connect_timeout(&addr.into(), timeout).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    Ok(stream)
+}
+
+fn read_reply(mut stream: TcpStream, addr: SocketAddrV4) -> anyhow::Result<Reply> {
     let mut response = String::new();
     stream.read_to_string(&mut response).with_context(|| format!("reading from {addr}"))?;
     let Some((head, body)) = response.split_once("\r\n\r\n") else {
@@ -45,6 +89,33 @@ pub fn get(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<Reply> {
         bail!("{addr} answered {head:?}");
     }
     parse_reply(body)
+}
+
+/// One datagram to `addr` and its answer, with the address the answer came from (socket
+/// load balancing must show the Service address there). The socket is unconnected, as a
+/// resolver's often is, with `IP_RECVERR`: an ICMP port unreachable then fails the receive
+/// with "connection refused" instead of passing unseen.
+pub fn get_udp(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<(Reply, SocketAddr)> {
+    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVERR,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("setting IP_RECVERR");
+    }
+    socket.set_read_timeout(Some(timeout))?;
+    socket.send_to(b"GET", addr).with_context(|| format!("sending to {addr}"))?;
+    let mut buf = [0u8; 2048];
+    let (len, from) = socket.recv_from(&mut buf).with_context(|| format!("waiting for {addr}'s answer"))?;
+    Ok((parse_reply(&String::from_utf8_lossy(&buf[..len]))?, from))
 }
 
 #[cfg(test)]
@@ -60,6 +131,16 @@ mod tests {
         assert_eq!(reply.pod, "kiada-1");
         assert_eq!(reply.node, "node-a");
         assert_eq!(reply.client, "198.18.0.100:40000".parse().unwrap());
+    }
+
+    #[test]
+    fn the_answer_text_parses_back() {
+        let reply = Reply {
+            pod: "kiada-2".into(),
+            node: "node-b".into(),
+            client: "198.18.0.2:61000".parse().unwrap(),
+        };
+        assert_eq!(parse_reply(&format!("{reply}\n")).unwrap(), reply);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Test support for xlb: a small Kubernetes-like cluster made of network namespaces
 //! (`testbed`), code that runs inside a namespace (`netns`), the kiada client (`kiada`),
-//! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`) and the kiada scenario shared by
-//! the demo and the tests (`scenario`).
+//! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the kiada scenario shared by
+//! the demo and the tests (`scenario`) and requests from any of the cluster's namespaces
+//! (`traffic`).
 //!
 //! Everything here needs root; all addresses come from 198.18.0.0/15 and nothing is created
 //! in the root network namespace.
@@ -10,6 +11,7 @@ pub mod kiada;
 pub mod netns;
 pub mod scenario;
 pub mod testbed;
+pub mod traffic;
 
 use std::path::PathBuf;
 

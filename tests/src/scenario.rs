@@ -10,9 +10,9 @@ use std::{
 use lb_common::{proto, service::ServiceKey};
 
 use crate::{
-    kiada::{self, Reply},
-    netns,
+    kiada::Reply,
     testbed::{Spec, Testbed},
+    traffic,
 };
 
 pub const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 10);
@@ -83,16 +83,11 @@ pub fn requests_from_client(
     target: SocketAddrV4,
     count: usize,
 ) -> anyhow::Result<Vec<anyhow::Result<Reply>>> {
-    netns::within(&tb.client, move || {
-        (0..count).map(|_| kiada::get(target, Duration::from_secs(2))).collect()
-    })
+    let exchanges = traffic::tcp_from(tb, &tb.client, target, count)?;
+    Ok(exchanges.into_iter().map(|e| e.map(|(reply, _)| reply)).collect())
 }
 
 /// How many answers each pod gave.
 pub fn tally(replies: &[anyhow::Result<Reply>]) -> BTreeMap<String, usize> {
-    let mut by_pod = BTreeMap::new();
-    for reply in replies.iter().flatten() {
-        *by_pod.entry(reply.pod.clone()).or_default() += 1;
-    }
-    by_pod
+    traffic::tally_pods(replies.iter().flatten())
 }

@@ -8,7 +8,7 @@
 //! ```
 //! Every namespace is named `xlb-<run>-<role>`, so runs side by side never collide, and the
 //! `Testbed` guard tears everything down on drop, panics included: processes it started,
-//! bpffs directories of the agents, namespaces.
+//! bpffs directories of the agents, the nodes' cgroups, namespaces.
 use std::{
     fs,
     io::{BufRead as _, BufReader},
@@ -19,13 +19,20 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
+use aya::{
+    programs::{links::FdLink, xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
 use lb_common::service::{ServiceKey, ServiceValue};
+use lb_userspace::dataplane::EBPF_OBJECT;
 
 use crate::{bin_path, netns};
 
-/// Prefix of every namespace and bpffs directory the testbed creates.
+/// Prefix of every namespace, bpffs directory and cgroup the testbed creates.
 pub const PREFIX: &str = "xlb-";
 const BPFFS: &str = "/sys/fs/bpf";
+/// The program that passes every frame, for the fabric ports of the nodes.
+const FABRIC_PASS: &str = "xlb_xdp_pass";
 const FABRIC_PREFIX: u8 = 24;
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 100);
 
@@ -46,6 +53,9 @@ pub struct Node {
     pub ns: String,
     pub ip: Ipv4Addr,
     pub bpffs_dir: PathBuf,
+    /// cgroup v2 directory of the node's own processes (`host_command`), the agent's
+    /// `--cgroup-path`.
+    pub cgroup: PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -68,7 +78,21 @@ pub struct Testbed {
     namespaces: Vec<String>,
     servers: Vec<Child>,
     agents: Vec<Option<Child>>,
+    fabric_xdp: Option<FabricXdp>,
     keep: bool,
+}
+
+/// `xlb_xdp_pass` attached to the fabric ports; dropping the `Ebpf` detaches it.
+struct FabricXdp {
+    ebpf: Ebpf,
+    links: Vec<(String, XdpLinkId)>,
+}
+
+/// `XLB_REALISTIC_NODE=1`: nodes filter like a typical Kubernetes host, with strict reverse
+/// path filtering and conntrack INVALID packets dropped in FORWARD (Docker and many CNIs
+/// install such rules). The suite must pass with and without them.
+pub fn realistic_node() -> bool {
+    std::env::var_os("XLB_REALISTIC_NODE").is_some_and(|v| v == "1")
 }
 
 fn node_ip(i: usize) -> Ipv4Addr {
@@ -88,6 +112,7 @@ impl Testbed {
     pub fn up(spec: &Spec) -> anyhow::Result<Self> {
         let run = run_id();
         let name = |role: &str| format!("{PREFIX}{run}-{role}");
+        let cgroup_root = cgroup2_mount()?;
         let manifests = std::env::temp_dir().join(format!("{PREFIX}{run}-manifests"));
         fs::create_dir_all(&manifests)?;
         let mut tb = Testbed {
@@ -100,6 +125,7 @@ impl Testbed {
             namespaces: Vec::new(),
             servers: Vec::new(),
             agents: Vec::new(),
+            fabric_xdp: None,
             keep: false,
             run: run.clone(),
         };
@@ -113,15 +139,16 @@ impl Testbed {
         tb.plug_into_fabric(&client, "client", CLIENT_IP)?;
 
         for i in 0..spec.nodes {
-            let letter = (b'a' + i as u8) as char;
+            let node_name = format!("node-{}", (b'a' + i as u8) as char);
             let node = Node {
-                name: format!("node-{letter}"),
-                ns: name(&format!("node-{letter}")),
+                ns: name(&node_name),
                 ip: node_ip(i),
-                bpffs_dir: Path::new(BPFFS).join(name(&format!("node-{letter}"))),
+                bpffs_dir: Path::new(BPFFS).join(name(&node_name)),
+                cgroup: cgroup_root.join(name(&node_name)),
+                name: node_name,
             };
             tb.add_ns(&node.ns)?;
-            tb.plug_into_fabric(&node.ns, &format!("node-{letter}"), node.ip)?;
+            tb.plug_into_fabric(&node.ns, &node.name, node.ip)?;
             for (key, value) in [
                 ("net.ipv4.ip_forward", "1"),
                 // XDP DNATs some connections back out of the interface they came in on:
@@ -129,10 +156,23 @@ impl Testbed {
                 ("net.ipv4.conf.all.send_redirects", "0"),
                 ("net.ipv4.conf.eth0.send_redirects", "0"),
             ] {
-                netns::run(&node.ns, "sysctl", &["-qw", &format!("{key}={value}")])?;
+                sysctl(&node.ns, key, value)?;
             }
+            if realistic_node() {
+                // `default` before the pod veths exist, so they start strict too.
+                for key in ["all", "default", "eth0"] {
+                    sysctl(&node.ns, &format!("net.ipv4.conf.{key}.rp_filter"), "1")?;
+                }
+                netns::run(
+                    &node.ns,
+                    "iptables",
+                    &["-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"],
+                )?;
+            }
+            fs::create_dir(&node.cgroup).with_context(|| format!("creating {}", node.cgroup.display()))?;
             tb.nodes.push(node);
         }
+        tb.attach_fabric_pass()?;
         for i in 0..spec.nodes {
             for j in (0..spec.nodes).filter(|j| *j != i) {
                 let subnet = format!("198.18.{}.0/24", 1 + j);
@@ -146,6 +186,41 @@ impl Testbed {
             tb.start_server(&pod, spec)?;
         }
         Ok(tb)
+    }
+
+    /// Attaches `xlb_xdp_pass` to the fabric side of every node's `eth0`. A node's XDP
+    /// program answers some packets itself (XDP_TX, e.g. ICMP port unreachable for a Service
+    /// without endpoints); a veth delivers such a frame only if its peer runs an XDP program
+    /// too. A real NIC needs nothing of the kind.
+    fn attach_fabric_pass(&mut self) -> anyhow::Result<()> {
+        let ports: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        // Inside the fabric namespace: attaching resolves the port names there.
+        let fabric_xdp = netns::within(&self.fabric, move || -> anyhow::Result<FabricXdp> {
+            let mut loader = EbpfLoader::new();
+            // Loading creates every map of the object, unused here: keep them small.
+            for map in lb_common::maps::ALL.into_iter().filter(|m| *m != lb_common::maps::CONFIG) {
+                loader.map_max_entries(map, 64);
+            }
+            let mut ebpf = loader.load(EBPF_OBJECT).context("loading the eBPF object")?;
+            let program: &mut Xdp =
+                ebpf.program_mut(FABRIC_PASS).context("no xlb_xdp_pass in the object")?.try_into()?;
+            program.load().context("loading xlb_xdp_pass")?;
+            let mut links = Vec::new();
+            for port in ports {
+                let id = program
+                    .attach(&port, XdpMode::default())
+                    .with_context(|| format!("attaching xlb_xdp_pass to fabric port {port}"))?;
+                links.push((port, id));
+            }
+            Ok(FabricXdp { ebpf, links })
+        })??;
+        self.fabric_xdp = Some(fabric_xdp);
+        Ok(())
+    }
+
+    /// Whether `ns` is one of this testbed's namespaces.
+    pub fn owns_namespace(&self, ns: &str) -> bool {
+        self.namespaces.iter().any(|n| n == ns)
     }
 
     fn add_ns(&mut self, ns: &str) -> anyhow::Result<()> {
@@ -194,6 +269,9 @@ impl Testbed {
         // Routed pod network: the node answers as the gateway on every pod veth, and a /32
         // route per pod points at its veth.
         netns::ip(&["-n", &node_ns, "addr", "add", &format!("{gateway}/32"), "dev", &veth])?;
+        if realistic_node() {
+            sysctl(&node_ns, &format!("net.ipv4.conf.{veth}.rp_filter"), "1")?;
+        }
         netns::ip(&["-n", &node_ns, "link", "set", &veth, "up"])?;
         netns::ip(&[
             "-n",
@@ -219,7 +297,7 @@ impl Testbed {
     fn start_server(&mut self, pod: &Pod, spec: &Spec) -> anyhow::Result<()> {
         let join = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let mut cmd = netns::command(&pod.ns, &bin_path("kiada").to_string_lossy());
-        cmd.args(["--pod", &pod.name, "--node", &self.nodes[pod.node].name])
+        cmd.args(["serve", "--pod", &pod.name, "--node", &self.nodes[pod.node].name])
             .args(["--tcp", &join(&spec.tcp_ports), "--udp", &join(&spec.udp_ports)])
             .stdout(Stdio::piped());
         let mut child = cmd.spawn().with_context(|| format!("starting kiada in {}", pod.ns))?;
@@ -253,12 +331,24 @@ impl Testbed {
             .args(["--node-name", &node.name, "--external-interfaces", "eth0", "--pod-interfaces", "pod*"])
             .arg("--bpffs-dir")
             .arg(&node.bpffs_dir)
+            .arg("--cgroup-path")
+            .arg(&node.cgroup)
             .stdout(Stdio::null())
             .stderr(fs::File::create(self.agent_log(i))?);
         let child = cmd.spawn().with_context(|| format!("starting xlb agent in {}", node.ns))?;
         self.agents.resize_with(self.nodes.len(), || None);
         self.agents[i] = Some(child);
         Ok(())
+    }
+
+    /// A command running `program` as one of node `node`'s own processes: in its network
+    /// namespace and its cgroup, where the agent's socket programs apply. The shell joins the
+    /// cgroup before it execs `program`, so before `program` opens any socket.
+    pub fn host_command(&self, node: usize, program: &Path) -> Command {
+        let node = &self.nodes[node];
+        let mut cmd = netns::command(&node.ns, "sh");
+        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#]).arg(&node.cgroup).arg(program);
+        cmd
     }
 
     /// Where node `i`'s agent writes its log (printed when a test panics).
@@ -342,8 +432,70 @@ impl Testbed {
     }
 
     /// Leaves the cluster running after this guard is dropped (`testbed up`, `demo --keep`).
-    pub fn keep(mut self) {
+    /// Pins the fabric's XDP links, which would otherwise detach when this process exits;
+    /// `down_all` removes the pins with the rest.
+    pub fn keep(mut self) -> anyhow::Result<()> {
+        let dir = self.fabric_pins().join("links");
+        if let Some(FabricXdp { ebpf, links }) = &mut self.fabric_xdp {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let program: &mut Xdp = ebpf.program_mut(FABRIC_PASS).context("xlb_xdp_pass")?.try_into()?;
+            for (port, id) in links.drain(..) {
+                let pin = dir.join(format!("xdp_pass@{port}"));
+                FdLink::try_from(program.take_link(id)?)?
+                    .pin(&pin)
+                    .with_context(|| format!("pinning {}", pin.display()))?;
+            }
+        }
         self.keep = true;
+        Ok(())
+    }
+
+    /// Where a kept testbed pins the fabric's XDP links, laid out as an agent's bpffs
+    /// directory so `dataplane::cleanup` removes it.
+    fn fabric_pins(&self) -> PathBuf {
+        Path::new(BPFFS).join(&self.fabric)
+    }
+}
+
+fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
+    netns::run(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
+}
+
+/// Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified
+/// next to cgroup v1).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
+    mounts
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(2) == Some(&"cgroup2"))
+        .map(|fields| PathBuf::from(fields[1]))
+        .context("no cgroup2 file system is mounted")
+}
+
+/// Kills the processes of cgroup `dir` and removes it, once they have exited.
+fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::read_to_string(dir.join("cgroup.procs")) {
+            Ok(procs) => {
+                for pid in procs.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: killing a process in a cgroup of ours.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}/cgroup.procs", dir.display())),
+        }
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            // Busy until the killed processes have exited.
+            Err(e) if Instant::now() > deadline => {
+                return Err(e).with_context(|| format!("removing {}", dir.display()))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
     }
 }
 
@@ -380,7 +532,9 @@ impl Drop for Testbed {
                 tail.iter().rev().for_each(|l| eprintln!("{l}"));
             }
             let _ = fs::remove_file(log);
+            let _ = remove_cgroup(&node.cgroup);
         }
+        let _ = lb_userspace::dataplane::cleanup(&self.fabric_pins());
         for ns in self.namespaces.iter().rev() {
             let _ = netns::ip(&["netns", "del", ns]);
         }
@@ -389,7 +543,8 @@ impl Drop for Testbed {
 }
 
 /// Removes every testbed of any run: processes in `xlb-*` namespaces, the namespaces, the
-/// agents' bpffs directories and the manifest directories. Returns what it removed.
+/// bpffs directories (agents' and kept fabrics'), the nodes' cgroups and their processes, and
+/// the manifest directories. Returns what it removed.
 pub fn down_all() -> Vec<String> {
     let mut removed = Vec::new();
     for ns in netns::list().into_iter().filter(|n| n.starts_with(PREFIX)) {
@@ -407,6 +562,10 @@ pub fn down_all() -> Vec<String> {
     for dir in list_prefixed(Path::new(BPFFS)) {
         let _ = lb_userspace::dataplane::cleanup(&dir);
         removed.push(format!("bpffs {}", dir.display()));
+    }
+    for dir in cgroup2_mount().map(|root| list_prefixed(&root)).unwrap_or_default() {
+        let _ = remove_cgroup(&dir);
+        removed.push(format!("cgroup {}", dir.display()));
     }
     for dir in list_prefixed(&std::env::temp_dir()) {
         let _ = fs::remove_dir_all(&dir);

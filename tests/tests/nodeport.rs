@@ -7,10 +7,11 @@ use xlb_tests::{kiada, netns, scenario};
 
 const REQUESTS: usize = 200;
 
-/// The NAT rules of a node namespace: iptables' nat table rules and nftables' ruleset.
+/// The NAT rules of a node namespace: iptables' nat table rules and nftables' NAT table (the
+/// realistic-node run adds a filter rule, which is not NAT).
 fn netfilter_nat_rules(ns: &str) -> Vec<String> {
     let iptables = netns::run(ns, "iptables-save", &["-t", "nat"]).unwrap_or_default();
-    let nft = netns::run(ns, "nft", &["list", "ruleset"]).unwrap_or_default();
+    let nft = netns::run(ns, "nft", &["list", "table", "ip", "nat"]).unwrap_or_default();
     iptables
         .lines()
         .filter(|l| l.starts_with("-A"))

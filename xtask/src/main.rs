@@ -35,7 +35,8 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run every test: unit, eBPF packet fixtures, namespace integration tests.
+    /// Run every test: unit, eBPF packet fixtures, namespace integration tests; then the
+    /// integration tests again on realistic nodes (`XLB_REALISTIC_NODE=1`).
     Test,
 }
 
@@ -77,7 +78,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             build(&root)?;
             step("running every test (unit, packet fixtures, namespace integration)");
-            cargo(&root, &["test", "--release", "--locked"])
+            cargo(&root, &["test", "--release", "--locked"])?;
+            step(
+                "running the integration tests again with XLB_REALISTIC_NODE=1 (rp_filter, INVALID dropped)",
+            );
+            run(Command::new(env!("CARGO"))
+                .current_dir(&root)
+                .args(["test", "--release", "--locked", "-p", "xlb-tests", "--tests"])
+                .env("XLB_REALISTIC_NODE", "1"))
         }
     }
 }

@@ -151,6 +151,8 @@ impl Dataplane {
         }
         for name in SOCKET_PROGRAMS {
             let sock: &mut CgroupSockAddr = self.named_program_mut(name)?;
+            // A bpf_link takes no attach flags ("Single" is 0); cgroup links always coexist
+            // with other links on the cgroup, which is what the hand-over below needs.
             sock.load().map_err(|source| DataplaneError::Program { program: name, source })?;
         }
         Ok(())
@@ -239,15 +241,16 @@ impl Dataplane {
                 source,
             };
             let sock: &mut CgroupSockAddr = self.named_program_mut(name)?;
-            let id = sock
-                .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)
-                .map_err(|e| attach_err(e.into()))?;
+            // A bpf_link takes no attach flags ("Single" is 0); cgroup links always coexist
+            // with other links on the cgroup, which is what the hand-over below needs.
+            let id = sock.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| attach_err(e.into()))?;
             let link = FdLink::try_from(sock.take_link(id).map_err(|e| attach_err(e.into()))?)
                 .map_err(|e| attach_err(e.into()))?;
             // Pin under a temporary name, then rename over the old pin: the old link loses its
             // last reference and detaches only once the new one is in place.
             let pin = links_dir.join(format!("{name}@cgroup"));
-            let staged = links_dir.join(format!(".{name}@cgroup.new"));
+            // (bpffs refuses names with a dot.)
+            let staged = links_dir.join(format!("{name}@cgroup-new"));
             let _ = std::fs::remove_file(&staged);
             link.pin(&staged).map_err(|source| DataplaneError::Pin { path: staged.clone(), source })?;
             std::fs::rename(&staged, &pin).map_err(io_err(&pin))?;

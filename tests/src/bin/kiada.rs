@@ -1,54 +1,85 @@
-//! The test server the testbed's pods run, after the kiada app of the seed article: answers
-//! HTTP on every `--tcp` port and datagrams on every `--udp` port with who processed the
-//! request and which client address and port it saw. Prints `ready` once all ports listen.
+//! The test server the testbed's pods run, after the kiada app of the seed article, and its
+//! client.
+//!
+//! `kiada serve` answers HTTP on every `--tcp` port and datagrams on every `--udp` port with
+//! who processed the request and which client address and port it saw; it prints `ready`
+//! once all ports listen. `kiada get tcp|udp ADDR:PORT` sends one request and prints the
+//! answer line, then `peer ADDR:PORT` (TCP, from getpeername) or `from ADDR:PORT` (UDP,
+//! where the answer came from): what a node's own process sees of a Service.
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    io::{self, BufRead as _, BufReader, Read as _, Write as _},
+    net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
     thread,
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{Parser, Subcommand, ValueEnum};
+use xlb_tests::kiada::{self, Reply};
 
 #[derive(Parser)]
-struct Args {
-    #[arg(long)]
-    pod: String,
-    #[arg(long)]
-    node: String,
-    #[arg(long, value_delimiter = ',')]
-    tcp: Vec<u16>,
-    #[arg(long, value_delimiter = ',')]
-    udp: Vec<u16>,
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
 }
 
-fn answer(pod: &str, node: &str, client: SocketAddr) -> String {
-    format!("Request processed by \"{pod}\" on node \"{node}\". Client IP: {client}\n")
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve on the given ports until killed.
+    Serve {
+        #[arg(long)]
+        pod: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long, value_delimiter = ',')]
+        tcp: Vec<u16>,
+        #[arg(long, value_delimiter = ',')]
+        udp: Vec<u16>,
+    },
+    /// Send one request; exit status 1 with the error on stderr when it fails.
+    Get { proto: Proto, addr: SocketAddrV4 },
 }
 
-fn serve_http(mut stream: TcpStream, pod: &str, node: &str) -> std::io::Result<()> {
+#[derive(Clone, Copy, ValueEnum)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn serve_http(stream: TcpStream, pod: &str, node: &str) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let client = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
-    // Read the request head; the body of a GET is empty.
+    let mut body_len = 0u64;
     while reader.read_line(&mut line)? > 0 && line != "\r\n" && line != "\n" {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                body_len = value.trim().parse().map_err(io::Error::other)?;
+            }
+        }
         line.clear();
     }
-    let body = answer(pod, node, client);
+    // Read the whole body before answering: closing with unread data would reset the
+    // connection under the client's upload.
+    if io::copy(&mut reader.take(body_len), &mut io::sink())? != body_len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    let body = format!("{}\n", Reply { pod: pod.to_string(), node: node.to_string(), client });
     write!(
-        stream,
+        &stream,
         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn serve(pod: String, node: String, tcp: &[u16], udp: &[u16]) -> anyhow::Result<()> {
     let mut handles = Vec::new();
-    for port in &args.tcp {
+    for port in tcp {
         let listener = TcpListener::bind(("0.0.0.0", *port))?;
-        let (pod, node) = (args.pod.clone(), args.node.clone());
+        let (pod, node) = (pod.clone(), node.clone());
         handles.push(thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let (pod, node) = (pod.clone(), node.clone());
@@ -56,13 +87,14 @@ fn main() -> anyhow::Result<()> {
             }
         }));
     }
-    for port in &args.udp {
+    for port in udp {
         let socket = UdpSocket::bind(("0.0.0.0", *port))?;
-        let (pod, node) = (args.pod.clone(), args.node.clone());
+        let (pod, node) = (pod.clone(), node.clone());
         handles.push(thread::spawn(move || {
             let mut buf = [0u8; 2048];
             while let Ok((_, client)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(answer(&pod, &node, client).as_bytes(), client);
+                let reply = Reply { pod: pod.clone(), node: node.clone(), client };
+                let _ = socket.send_to(format!("{reply}\n").as_bytes(), client);
             }
         }));
     }
@@ -71,4 +103,33 @@ fn main() -> anyhow::Result<()> {
         let _ = handle.join();
     }
     Ok(())
+}
+
+fn get(proto: Proto, addr: SocketAddrV4) -> anyhow::Result<(Reply, &'static str, SocketAddr)> {
+    Ok(match proto {
+        Proto::Tcp => {
+            let (reply, peer) = kiada::get_tcp(addr, CLIENT_TIMEOUT)?;
+            (reply, "peer", peer)
+        }
+        Proto::Udp => {
+            let (reply, from) = kiada::get_udp(addr, CLIENT_TIMEOUT)?;
+            (reply, "from", from)
+        }
+    })
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    match Cli::parse().command {
+        Cmd::Serve { pod, node, tcp, udp } => serve(pod, node, &tcp, &udp).map(|()| ExitCode::SUCCESS),
+        Cmd::Get { proto, addr } => match get(proto, addr) {
+            Ok((reply, label, peer)) => {
+                println!("{reply}\n{label} {peer}");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e:#}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
 }

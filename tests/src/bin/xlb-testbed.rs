@@ -16,9 +16,9 @@ struct Cli {
 enum Cmd {
     /// Build the kiada cluster with agents on every node and leave it running.
     Up,
-    /// Remove every testbed (any run): namespaces, processes, pins.
+    /// Remove every testbed (any run): namespaces, processes, pins, cgroups.
     Down,
-    /// List the testbed namespaces and pins that exist.
+    /// List the testbed namespaces, pins and cgroups that exist.
     Status,
     /// Build the cluster, run the agents, send traffic, show who answered and the maps.
     Demo {
@@ -33,8 +33,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Up => {
             let tb = scenario::up_with_agents()?;
             describe(&tb);
-            tb.keep();
-            Ok(())
+            tb.keep()
         }
         Cmd::Down => {
             for removed in testbed::down_all() {
@@ -46,7 +45,8 @@ fn main() -> anyhow::Result<()> {
             let namespaces: Vec<_> =
                 netns::list().into_iter().filter(|n| n.starts_with(testbed::PREFIX)).collect();
             let pins = testbed::list_prefixed(std::path::Path::new("/sys/fs/bpf"));
-            if namespaces.is_empty() && pins.is_empty() {
+            let cgroups = testbed::list_prefixed(&testbed::cgroup2_mount()?);
+            if namespaces.is_empty() && pins.is_empty() && cgroups.is_empty() {
                 println!("no testbed is up");
             }
             for ns in namespaces {
@@ -54,6 +54,9 @@ fn main() -> anyhow::Result<()> {
             }
             for pin in pins {
                 println!("bpffs {}", pin.display());
+            }
+            for cgroup in cgroups {
+                println!("cgroup {}", cgroup.display());
             }
             Ok(())
         }
@@ -64,12 +67,22 @@ fn main() -> anyhow::Result<()> {
 fn describe(tb: &testbed::Testbed) {
     println!("cluster {}: fabric {}, client {} ({})", tb.run, tb.fabric, tb.client, tb.client_ip);
     for node in &tb.nodes {
-        println!("  {} {} in {}, pins {}", node.name, node.ip, node.ns, node.bpffs_dir.display());
+        println!(
+            "  {} {} in {}, pins {}, cgroup {}",
+            node.name,
+            node.ip,
+            node.ns,
+            node.bpffs_dir.display(),
+            node.cgroup.display()
+        );
     }
     for pod in &tb.pods {
         println!("  pod {} {} on {} in {}", pod.name, pod.ip, tb.nodes[pod.node].name, pod.ns);
     }
     println!("  manifests {}", tb.manifests.display());
+    if testbed::realistic_node() {
+        println!("  realistic nodes: strict rp_filter, conntrack INVALID dropped in FORWARD");
+    }
 }
 
 fn demo(keep: bool) -> anyhow::Result<()> {
@@ -123,7 +136,7 @@ fn demo(keep: bool) -> anyhow::Result<()> {
     }
     if keep {
         println!("\nleaving the cluster up; remove it with: cargo xtask testbed down");
-        tb.keep();
+        tb.keep()?;
     } else {
         println!("\n== tearing down");
     }
