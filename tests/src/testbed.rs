@@ -567,9 +567,16 @@ pub fn down_all() -> Vec<String> {
         let _ = remove_cgroup(&dir);
         removed.push(format!("cgroup {}", dir.display()));
     }
-    for dir in list_prefixed(&std::env::temp_dir()) {
-        let _ = fs::remove_dir_all(&dir);
-        removed.push(format!("dir {}", dir.display()));
+    // Only what a run leaves in the temporary directory: its manifests and agent logs.
+    for path in list_prefixed(&std::env::temp_dir()) {
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        if name.ends_with("-manifests") {
+            let _ = fs::remove_dir_all(&path);
+            removed.push(format!("dir {}", path.display()));
+        } else if name.contains("-agent-") && name.ends_with(".log") {
+            let _ = fs::remove_file(&path);
+            removed.push(format!("file {}", path.display()));
+        }
     }
     removed
 }

@@ -86,8 +86,20 @@ fn nodeport_balances_across_nodes_and_stops_without_xlb() {
         tb.cleanup_agent(i).expect("xlb agent --cleanup");
         let dir = &tb.nodes[i].bpffs_dir;
         assert!(!dir.exists(), "{} must be removed by --cleanup", dir.display());
-        let xdp = netns::run(&tb.nodes[i].ns, "ip", &["-d", "link", "show", "eth0"]).expect("ip link");
-        assert!(!xdp.contains("prog/xdp"), "XDP still attached on {}: {xdp}", tb.nodes[i].name);
+        // The kernel frees an unpinned link a moment later (deferred work): poll with a deadline.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let xdp = netns::run(&tb.nodes[i].ns, "ip", &["-d", "link", "show", "eth0"]).expect("ip link");
+            if !xdp.contains("prog/xdp") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "XDP still attached on {}: {xdp}",
+                tb.nodes[i].name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert_eq!(netfilter_nat_rules(&tb.nodes[i].ns), Vec::<String>::new());
     }
     for node in &tb.nodes {
