@@ -90,8 +90,8 @@ pub struct CtEntry {
     pub state: u8,
     /// `CT_F_*` bits.
     pub flags: u8,
-    /// Always 0.
-    pub _pad: u16,
+    /// The Service port's counters (`ServiceValue::stats_index`), for every later packet.
+    pub stats_index: u16,
     /// `bpf_ktime_get_ns()` when the entry was created.
     pub created_ns: u64,
     /// `bpf_ktime_get_ns()` of the last packet, either direction.

@@ -15,6 +15,7 @@ pub mod nat;
 pub mod service;
 pub mod socket;
 pub mod source_range;
+pub mod stats;
 
 /// Implements `aya::Pod` for map types on the user side.
 macro_rules! user_pod {
@@ -90,14 +91,14 @@ mod tests {
     }
 
     #[test]
-    fn service_value_is_two_groups_two_counts_flags_zero_pad_and_affinity_timeout_in_host_order() {
+    fn service_value_is_two_groups_two_counts_flags_stats_index_and_affinity_timeout_in_host_order() {
         let value = ServiceValue {
             group_id: 0x0102_0304,
             internal_group_id: 0x0506_0708,
             backend_count: 3,
             internal_count: 1,
             flags: SVC_F_NO_ENDPOINTS | SVC_F_SOURCE_RANGES,
-            _pad: 0,
+            stats_index: 0x0a0b,
             affinity_timeout_s: 10_800,
         };
         assert_eq!(
@@ -108,7 +109,7 @@ mod tests {
                 &3u16.to_ne_bytes(),
                 &1u16.to_ne_bytes(),
                 &3u16.to_ne_bytes(),
-                &[0, 0],
+                &0x0a0bu16.to_ne_bytes(),
                 &10_800u32.to_ne_bytes(),
             ])
         );
@@ -120,7 +121,7 @@ mod tests {
                 offset_of!(ServiceValue, backend_count),
                 offset_of!(ServiceValue, internal_count),
                 offset_of!(ServiceValue, flags),
-                offset_of!(ServiceValue, _pad),
+                offset_of!(ServiceValue, stats_index),
                 offset_of!(ServiceValue, affinity_timeout_s)
             ],
             [4, 8, 10, 12, 14, 16]
@@ -178,7 +179,7 @@ mod tests {
     }
 
     #[test]
-    fn ct_entry_is_frontend_and_snat_in_network_order_then_state_flags_pad_and_host_order_timestamps() {
+    fn ct_entry_is_frontend_and_snat_in_network_order_then_state_flags_and_host_order_stats_index_and_timestamps() {
         let entry = CtEntry {
             frontend_addr: be_addr(10, 96, 0, 10),
             frontend_port: 80u16.to_be(),
@@ -186,12 +187,12 @@ mod tests {
             snat_addr: be_addr(198, 18, 0, 1),
             state: CT_STATE_ESTABLISHED,
             flags: CT_F_REPLIED,
-            _pad: 0,
+            stats_index: 0x0102,
             created_ns: 0x1122_3344_5566_7788,
             last_seen_ns: 42,
         };
-        let head: &[u8] = &[10, 96, 0, 10, 0, 80, 0xee, 0x48, 198, 18, 0, 1, 2, 1, 0, 0];
-        assert_eq!(bytes(&entry), ne(&[head, &0x1122_3344_5566_7788u64.to_ne_bytes(), &42u64.to_ne_bytes()]));
+        let head: &[u8] = &[10, 96, 0, 10, 0, 80, 0xee, 0x48, 198, 18, 0, 1, 2, 1];
+        assert_eq!(bytes(&entry), ne(&[head, &0x0102u16.to_ne_bytes(), &0x1122_3344_5566_7788u64.to_ne_bytes(), &42u64.to_ne_bytes()]));
         assert_eq!((size_of::<CtEntry>(), align_of::<CtEntry>()), (32, 8));
         assert_eq!(
             [
@@ -200,7 +201,7 @@ mod tests {
                 offset_of!(CtEntry, snat_addr),
                 offset_of!(CtEntry, state),
                 offset_of!(CtEntry, flags),
-                offset_of!(CtEntry, _pad),
+                offset_of!(CtEntry, stats_index),
                 offset_of!(CtEntry, created_ns),
                 offset_of!(CtEntry, last_seen_ns)
             ],
@@ -258,6 +259,13 @@ mod tests {
     }
 
     #[test]
+    fn service_stats_are_packets_then_bytes_in_host_order() {
+        let stats = crate::stats::ServiceStats { packets: 3, bytes: 0x0102_0304_0506_0708 };
+        assert_eq!(bytes(&stats), ne(&[&3u64.to_ne_bytes(), &0x0102_0304_0506_0708u64.to_ne_bytes()]));
+        assert_eq!(crate::stats::SERVICE_STATS_MAX, u32::from(u16::MAX) + 1);
+    }
+
+    #[test]
     fn node_config_is_snat_address_in_network_order_and_zero_pad() {
         let config = NodeConfig { snat_addr: be_addr(192, 168, 1, 10), _pad: 0 };
         assert_eq!(bytes(&config), [192, 168, 1, 10, 0, 0, 0, 0]);
@@ -296,7 +304,7 @@ mod tests {
             snat_addr: 0,
             state,
             flags,
-            _pad: 0,
+            stats_index: 0,
             created_ns: 0,
             last_seen_ns: 1_000 * SEC,
         };

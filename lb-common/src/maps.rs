@@ -18,10 +18,12 @@ pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
 pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 /// `u32` (always 0) → `NodeConfig`, array of 1.
 pub const CONFIG: &str = "XLB_CONFIG";
+/// `u32` (`ServiceValue::stats_index`) → `ServiceStats`, per-CPU array.
+pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 
 /// Every map, in the order they are pinned and removed.
-pub const ALL: [&str; 9] =
-    [SERVICES, BACKENDS, CT_SERVICE, CONNTRACK, NAT, AFFINITY, SOURCE_RANGES, SOCK_REVNAT, CONFIG];
+pub const ALL: [&str; 10] =
+    [SERVICES, BACKENDS, CT_SERVICE, CONNTRACK, NAT, AFFINITY, SOURCE_RANGES, SOCK_REVNAT, CONFIG, SERVICE_STATS];
 
 /// Frontends (`--max-services`): 10,000 Services with a few ports, each on a ClusterIP and
 /// on the node's addresses.

@@ -47,8 +47,8 @@ pub struct ServiceValue {
     pub internal_count: u16,
     /// `SVC_F_*` bits.
     pub flags: u16,
-    /// Always 0.
-    pub _pad: u16,
+    /// Slot of the Service port's counters in `XLB_SERVICE_STATS`; 0: not counted.
+    pub stats_index: u16,
     /// `sessionAffinity: ClientIP` timeout in seconds; 0 when affinity is off.
     pub affinity_timeout_s: u32,
 }

@@ -12,6 +12,7 @@ use lb_common::{
 use crate::{
     maps::{XLB_CONNTRACK, XLB_CT_SERVICE},
     parse::{Flow, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 /// An address and port to translate to, network byte order.
@@ -58,6 +59,7 @@ fn live(key: &CtKey, now: u64) -> Option<&'static mut CtEntry> {
 fn touch(entry: &mut CtEntry, flow: &Flow, now: u64) {
     entry.state = next_state(flow, entry.state);
     entry.last_seen_ns = now;
+    stats::count(entry.stats_index, flow.len);
 }
 
 /// The client → backend tuple of the client's packet `flow`, balanced to `backend`.
@@ -106,9 +108,15 @@ pub fn get(key: &CtKey, now: u64) -> Option<CtEntry> {
 }
 
 /// Records a new connection from the client's packet `flow` (to `frontend`) to `backend`,
-/// with an optional SNAT source.
+/// with an optional SNAT source, and counts the packet for the Service port `stats_index`.
 #[inline(always)]
-pub fn create(flow: &Flow, backend: Endpoint, snat: Option<Endpoint>, now: u64) -> Option<()> {
+pub fn create(
+    flow: &Flow,
+    backend: Endpoint,
+    snat: Option<Endpoint>,
+    stats_index: u16,
+    now: u64,
+) -> Option<()> {
     let snat = snat.unwrap_or(Endpoint { addr: 0, port: 0 });
     let entry = CtEntry {
         frontend_addr: flow.daddr,
@@ -117,11 +125,13 @@ pub fn create(flow: &Flow, backend: Endpoint, snat: Option<Endpoint>, now: u64) 
         snat_addr: snat.addr,
         state: next_state(flow, CT_STATE_OTHER),
         flags: 0,
-        _pad: 0,
+        stats_index,
         created_ns: now,
         last_seen_ns: now,
     };
     XLB_CONNTRACK.insert(backend_key(flow, backend), entry, BPF_ANY as u64).ok()?;
     let value = CtBackend { addr: backend.addr, port: backend.port, _pad: 0 };
-    XLB_CT_SERVICE.insert(flow.key(), value, BPF_ANY as u64).ok()
+    XLB_CT_SERVICE.insert(flow.key(), value, BPF_ANY as u64).ok()?;
+    stats::count(stats_index, flow.len);
+    Some(())
 }

@@ -24,6 +24,7 @@ mod pipeline;
 mod reject;
 mod service;
 mod socket;
+mod stats;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},

@@ -1,6 +1,6 @@
 //! Map definitions only. Layouts and purposes are documented on the types in `lb-common`.
 use aya_ebpf::{
-    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap},
+    btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
@@ -13,6 +13,7 @@ use lb_common::{
     service::{ServiceKey, ServiceValue},
     socket::{SockRevNatKey, SockRevNatValue},
     source_range::SourceRangeKey,
+    stats::{ServiceStats, SERVICE_STATS_MAX},
 };
 
 /// Frontends: (address, port, protocol) → backend groups; resized by `--max-services`.
@@ -52,5 +53,10 @@ pub static XLB_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { SOCK_RE
 /// Node settings, slot 0.
 #[btf_map]
 pub static XLB_CONFIG: Array<NodeConfig, 1> = Array::new();
+
+/// Per-CPU packet and byte counters of each Service port, by `ServiceValue::stats_index`;
+/// sized down with `--max-services`.
+#[btf_map]
+pub static XLB_SERVICE_STATS: PerCpuArray<ServiceStats, { SERVICE_STATS_MAX as usize }> = PerCpuArray::new();
 
 pub type SourceRangeLookup = Key<SourceRangeKey>;

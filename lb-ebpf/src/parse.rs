@@ -67,6 +67,8 @@ pub struct Flow {
     pub daddr: u32,
     pub sport: u16,
     pub dport: u16,
+    /// IPv4 total length: the bytes a Service's counters add.
+    pub len: u16,
 }
 
 impl Flow {
@@ -179,7 +181,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 return None;
             }
             let (sport, dport, tcp_flags) = ports(pkt, l4, proto, true)?;
-            Some(Parsed::Flow(Flow { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport }))
+            Some(Parsed::Flow(Flow { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport, len: total_len as u16 }))
         }
         proto::ICMP => {
             let icmp = ptr_at::<[u8; ICMP_HLEN], P>(pkt, l4)? as *const u8;
@@ -189,7 +191,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 return None;
             }
             let inner_l3 = l4 + ICMP_HLEN;
-            let (inner_ihl, _, inner_proto, inner_saddr, inner_daddr) = ipv4(pkt, inner_l3)?;
+            let (inner_ihl, inner_len, inner_proto, inner_saddr, inner_daddr) = ipv4(pkt, inner_l3)?;
             if inner_ihl != IP_HLEN || !matches!(inner_proto, proto::TCP | proto::UDP) {
                 return None;
             }
@@ -204,6 +206,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 daddr: inner_daddr,
                 sport,
                 dport,
+                len: inner_len as u16,
             };
             Some(Parsed::IcmpError(IcmpError { l3, icmp: l4, saddr, daddr, inner }))
         }

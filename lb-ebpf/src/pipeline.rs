@@ -100,7 +100,7 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
     } else {
         None
     };
-    if conntrack::create(&flow, to, snat, now).is_none() {
+    if conntrack::create(&flow, to, snat, svc.stats_index, now).is_none() {
         return Verdict::Drop;
     }
     rewrite(pkt, &flow, End::Destination, to)

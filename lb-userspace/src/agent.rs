@@ -1,19 +1,39 @@
-//! The agent loop: read the sources, compute the node's desired state, write the maps;
-//! again on every change of the manifest directory and every sync period.
-use std::{collections::BTreeSet, net::Ipv4Addr, path::PathBuf, sync::mpsc, time::Duration};
+//! The agent: sources (a manifest directory or the Kubernetes API) feed one store; one sync
+//! loop turns it into the node's desired state and writes the difference to the maps, at
+//! most every `min_sync_period`, and fully (re-reading the maps, so drift is repaired) every
+//! `sync_period`. The health, healthCheckNodePort and metrics servers run beside it.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr},
+    ops::RangeInclusive,
+    path::PathBuf,
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
 
 use anyhow::Context as _;
 use lb_userspace::{
-    dataplane::{Dataplane, Hook, MapSizes, MapWriter},
+    dataplane::{self, Dataplane, Hook, MapSizes, MapWriter},
     desired::{self, NodeContext},
+    health::{self, ProxyHealth, ServiceHealthServers},
+    kubernetes,
     manifests::ManifestDir,
-    model::Store,
+    metrics::{self, DataplaneStats, MapFill, Metrics, ServiceCounters},
+    model::{Kind, Rejected, Store},
     netif,
+    sources::Shared,
 };
 use notify::Watcher as _;
 
+/// Where the agent takes its objects from.
+pub enum Source {
+    Manifests(PathBuf),
+    /// The Kubernetes API: in-cluster config, or this kubeconfig file.
+    Api { kubeconfig: Option<PathBuf> },
+}
+
 pub struct Config {
-    pub manifests: PathBuf,
+    pub source: Source,
     pub node_name: String,
     pub external_interfaces: Vec<String>,
     pub pod_interfaces: Option<glob::Pattern>,
@@ -21,12 +41,21 @@ pub struct Config {
     pub cgroup_path: Option<PathBuf>,
     pub map_sizes: MapSizes,
     pub sync_period: Duration,
+    pub min_sync_period: Duration,
+    pub node_port_range: RangeInclusive<u16>,
+    pub healthz_bind_address: Option<SocketAddr>,
+    pub metrics_bind_address: Option<SocketAddr>,
 }
 
 /// Changes in the directory arriving this close together are handled as one.
 const COALESCE: Duration = Duration::from_millis(50);
 
 pub fn run(config: Config) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     let mut dataplane = Dataplane::load_pinned(&config.bpffs_dir, config.map_sizes)
         .with_context(|| format!("loading the dataplane into {}", config.bpffs_dir.display()))?;
     for interface in &config.external_interfaces {
@@ -37,11 +66,82 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     if let Some(cgroup) = &config.cgroup_path {
         dataplane.attach_cgroup(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
     }
-    let mut writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
-    let mut pods_attached = BTreeSet::new();
-    let mut source = ManifestDir::new(&config.manifests);
-    let mut store = Store::default();
+    let writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
 
+    let health = Arc::new(ProxyHealth::new(config.sync_period));
+    let shared = Shared::new(Store::new(config.node_port_range.clone()), health.clone());
+    let counted = Arc::new(Mutex::new(BTreeMap::new()));
+    let metrics = Arc::new(Metrics::new(read_dataplane(config.bpffs_dir.clone(), counted.clone())));
+    let _servers = runtime.enter();
+    if let Some(addr) = config.healthz_bind_address {
+        let listener = bind(addr, "--healthz-bind-address")?;
+        runtime.spawn(log_exit("health server", health::serve_proxy_health(listener, health.clone())));
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        let listener = bind(addr, "--metrics-bind-address")?;
+        runtime.spawn(log_exit("metrics server", metrics::serve_metrics(listener, metrics.clone())));
+    }
+    let on_rejected: kubernetes::OnRejected = {
+        let metrics = metrics.clone();
+        Arc::new(move |rejected: &Rejected| {
+            tracing::warn!("skipped: {rejected}");
+            metrics.count_invalid_object(rejected.kind.as_str());
+        })
+    };
+    match &config.source {
+        Source::Manifests(dir) => follow_manifests(dir.clone(), shared.clone(), on_rejected, config.sync_period)?,
+        Source::Api { kubeconfig } => {
+            let client = runtime.block_on(kube_client(kubeconfig.as_ref()))?;
+            let (node_name, shared) = (config.node_name.clone(), shared.clone());
+            runtime.spawn(async move { kubernetes::watch(client, &node_name, shared, on_rejected).await });
+        }
+    }
+    tracing::info!(
+        node = %config.node_name,
+        bpffs = %config.bpffs_dir.display(),
+        "agent started"
+    );
+    let health_servers = ServiceHealthServers::new(health, Ipv4Addr::UNSPECIFIED, runtime.handle().clone());
+    SyncLoop { config: &config, dataplane, writer, shared, metrics, counted, health_servers, pods: BTreeSet::new() }
+        .run();
+    Ok(())
+}
+
+fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("{flag} {addr}"))?;
+    listener.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(listener)?)
+}
+
+async fn log_exit(what: &'static str, server: impl std::future::Future<Output = std::io::Result<()>>) {
+    if let Err(error) = server.await {
+        tracing::error!(%error, "{what} stopped");
+    }
+}
+
+async fn kube_client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading --kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::incluster().context("in-cluster Kubernetes config (or pass --kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Scans the directory at start, on every change in it and every sync period.
+fn follow_manifests(
+    dir: PathBuf,
+    shared: Arc<Shared>,
+    on_rejected: kubernetes::OnRejected,
+    rescan_period: Duration,
+) -> anyhow::Result<()> {
+    const SOURCE: &str = "manifests";
+    shared.register(SOURCE);
     let (changed, changes) = mpsc::channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         // Our own reads raise access and attribute events: only content changes count.
@@ -57,24 +157,166 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     })
     .context("creating the directory watcher")?;
     watcher
-        .watch(&config.manifests, notify::RecursiveMode::NonRecursive)
-        .with_context(|| format!("watching {}", config.manifests.display()))?;
-    tracing::info!(
-        node = %config.node_name,
-        manifests = %config.manifests.display(),
-        bpffs = %config.bpffs_dir.display(),
-        "agent started"
-    );
-
-    loop {
-        if let Some(pattern) = &config.pod_interfaces {
-            attach_pod_interfaces(&mut dataplane, pattern, &mut pods_attached);
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", dir.display()))?;
+    let mut source = ManifestDir::new(&dir);
+    std::thread::spawn(move || {
+        let _watcher = watcher;
+        loop {
+            let scan = source.scan();
+            for error in &scan.errors {
+                tracing::warn!("skipped: {error}");
+            }
+            let objects = scan.objects.iter().map(|(o, origin)| (o, origin.as_str()));
+            let rejected = shared.update(|store| store.replace_all(objects, scan.unreadable));
+            rejected.iter().for_each(|r| on_rejected(r));
+            shared.listed(SOURCE);
+            match changes.recv_timeout(rescan_period) {
+                Ok(()) => while changes.recv_timeout(COALESCE).is_ok() {},
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    tracing::error!(dir = %dir.display(), "the directory watcher stopped");
+                    return;
+                }
+            }
         }
-        sync(&config, &mut source, &mut store, &mut writer);
-        match changes.recv_timeout(config.sync_period) {
-            Ok(()) => while changes.recv_timeout(COALESCE).is_ok() {},
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the directory watcher stopped"),
+    });
+    Ok(())
+}
+
+/// Reads the counters and table fill for a scrape.
+fn read_dataplane(
+    dir: PathBuf,
+    counted: Arc<Mutex<BTreeMap<u16, String>>>,
+) -> Box<dyn Fn() -> DataplaneStats + Send + Sync> {
+    Box::new(move || {
+        let counted = counted.lock().map(|c| c.clone()).unwrap_or_default();
+        let services = dataplane::stats::service_traffic(&dir, &counted).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading Service counters");
+            Vec::new()
+        });
+        let maps = dataplane::stats::table_fill(&dir).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading table fill");
+            Vec::new()
+        });
+        DataplaneStats {
+            services: services
+                .into_iter()
+                .map(|t| {
+                    let (namespace, name, port) = desired::split_group_name(&t.service_port);
+                    ServiceCounters { namespace, name, port, packets: t.packets, bytes: t.bytes }
+                })
+                .collect(),
+            maps: maps
+                .into_iter()
+                .map(|f| MapFill { name: f.name.to_string(), entries: f.entries, max_entries: f.max_entries })
+                .collect(),
+        }
+    })
+}
+
+struct SyncLoop<'a> {
+    config: &'a Config,
+    dataplane: Dataplane,
+    writer: MapWriter,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    counted: Arc<Mutex<BTreeMap<u16, String>>>,
+    health_servers: ServiceHealthServers,
+    pods: BTreeSet<String>,
+}
+
+impl SyncLoop<'_> {
+    fn run(mut self) {
+        let mut next_full = Instant::now();
+        let mut last_sync: Option<Instant> = None;
+        loop {
+            if !self.shared.wait_change(next_full) && !self.shared.all_listed() {
+                // The store is incomplete: the maps keep serving what they hold (a previous
+                // agent's state) until every source has listed its objects.
+                tracing::info!("waiting for the sources' first listing; the maps are left as they are");
+                next_full = Instant::now() + self.config.sync_period;
+                continue;
+            }
+            // Coalesce bursts: at most one sync per min_sync_period.
+            if let Some(wait) =
+                last_sync.and_then(|t| self.config.min_sync_period.checked_sub(t.elapsed()))
+            {
+                std::thread::sleep(wait);
+            }
+            let full = Instant::now() >= next_full;
+            if full {
+                next_full = Instant::now() + self.config.sync_period;
+                if let Err(e) = self.writer.reread() {
+                    tracing::error!(error = %e, "re-reading the maps");
+                }
+            }
+            let changed_at = self.shared.take_change();
+            self.sync(full);
+            if let Some(at) = changed_at {
+                self.metrics.observe_programming_latency(at.elapsed());
+            }
+            last_sync = Some(Instant::now());
+        }
+    }
+
+    fn sync(&mut self, full: bool) {
+        let started = Instant::now();
+        if let Some(pattern) = &self.config.pod_interfaces {
+            attach_pod_interfaces(&mut self.dataplane, pattern, &mut self.pods);
+        }
+        let addresses = netif::ipv4_addresses().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "reading node addresses");
+            Vec::new()
+        });
+        let node_addrs: Vec<Ipv4Addr> =
+            addresses.iter().map(|(_, a)| *a).collect::<BTreeSet<_>>().into_iter().collect();
+        let default_snat_addr = self
+            .config
+            .external_interfaces
+            .first()
+            .and_then(|ext| addresses.iter().find(|(iface, _)| iface == ext))
+            .map(|(_, a)| *a);
+        let node = NodeContext { name: &self.config.node_name, addrs: &node_addrs, default_snat_addr };
+        let connected = self.shared.all_connected();
+        let (desired, deleting) = {
+            let store = self.shared.store();
+            (desired::compute(&store, &node), store.node(node.name).is_some_and(|n| n.deleting))
+        };
+        for conflict in &desired.conflicts {
+            tracing::warn!("skipped: {conflict}");
+            self.metrics.count_skipped_object(Kind::Service.as_str(), "conflict");
+        }
+        let report = self.writer.sync(&desired);
+        for failure in &report.failures {
+            tracing::error!("map write failed: {failure}");
+        }
+        self.metrics.count_map_write_failures(report.failures.len() as u64);
+        if let Ok(mut counted) = self.counted.lock() {
+            counted.clone_from(self.writer.counted());
+        }
+        let health = self.shared.health();
+        health.set_node_eligible(!deleting);
+        if connected && report.failures.is_empty() {
+            health.updated();
+        }
+        for error in self.health_servers.sync(&desired.health_checks) {
+            tracing::warn!("healthCheckNodePort: {error}");
+        }
+        self.metrics.observe_sync(started.elapsed());
+        self.metrics.set_last_sync(SystemTime::now());
+        if full || report.written + report.deleted > 0 {
+            tracing::info!(
+                full,
+                frontends = report.frontends,
+                backends = report.backends,
+                source_ranges = report.source_ranges,
+                health_checks = desired.health_checks.len(),
+                written = report.written,
+                deleted = report.deleted,
+                failed = report.failures.len(),
+                "synced"
+            );
         }
     }
 }
@@ -109,43 +351,4 @@ fn attach_pod_interfaces(
             Err(e) => tracing::warn!(interface = %name, error = %e, "attaching to pod interface"),
         }
     }
-}
-
-fn sync(config: &Config, source: &mut ManifestDir, store: &mut Store, writer: &mut MapWriter) {
-    let scan = source.scan();
-    for error in &scan.errors {
-        tracing::warn!("skipped: {error}");
-    }
-    let objects = scan.objects.iter().map(|(o, origin)| (o, origin.as_str()));
-    for rejected in store.replace_all(objects, scan.unreadable) {
-        tracing::warn!("skipped: {rejected}");
-    }
-    let addresses = netif::ipv4_addresses().unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "reading node addresses");
-        Vec::new()
-    });
-    let node_addrs: Vec<Ipv4Addr> =
-        addresses.iter().map(|(_, a)| *a).collect::<BTreeSet<_>>().into_iter().collect();
-    let default_snat_addr = config
-        .external_interfaces
-        .first()
-        .and_then(|ext| addresses.iter().find(|(iface, _)| iface == ext))
-        .map(|(_, a)| *a);
-    let node = NodeContext { name: &config.node_name, addrs: &node_addrs, default_snat_addr };
-    let desired = desired::compute(store, &node);
-    for conflict in &desired.conflicts {
-        tracing::warn!("{conflict}");
-    }
-    let report = writer.sync(&desired);
-    for failure in &report.failures {
-        tracing::error!("map write failed: {failure}");
-    }
-    tracing::info!(
-        frontends = report.frontends,
-        backends = report.backends,
-        written = report.written,
-        deleted = report.deleted,
-        failed = report.failures.len(),
-        "synced"
-    );
 }

@@ -22,6 +22,9 @@ pub struct Frontend {
     pub flags: u16,
     /// ClientIP session affinity timeout; 0 when off.
     pub affinity_timeout_s: u32,
+    /// The Service port it belongs to (its Cluster group's name): traffic is counted per
+    /// Service port.
+    pub service_port: String,
 }
 
 /// An allowed client range of a frontend: (frontend, network address, prefix length).
@@ -38,7 +41,10 @@ pub struct DesiredState {
     pub source_ranges: BTreeSet<SourceRange>,
     /// Address for SNAT to backends on other nodes.
     pub snat_addr: Option<Ipv4Addr>,
-    /// Frontends claimed by more than one Service: the first claim (by name) wins.
+    /// healthCheckNodePort → (Service, its local ready endpoint IPs), as kube-proxy counts them.
+    pub health_checks: BTreeMap<u16, (NamespacedName, usize)>,
+    /// Frontends or health check ports claimed by more than one Service: the first claim (by
+    /// name) wins.
     pub conflicts: Vec<String>,
 }
 
@@ -60,13 +66,43 @@ pub fn compute(store: &Store, node: &NodeContext) -> DesiredState {
         snat_addr: store.node(node.name).and_then(|n| n.internal_ip).or(node.default_snat_addr),
         ..Default::default()
     };
+    let zone = store.node(node.name).and_then(|n| n.zone.as_deref());
     for svc in store.services() {
         let slices = slices_by_service.get(&svc.id).map(Vec::as_slice).unwrap_or_default();
         for port in &svc.ports {
-            add_service_port(&mut state, svc, port, slices, node);
+            add_service_port(&mut state, svc, port, slices, node, zone);
+        }
+        if let Some(hc_port) = svc.health_check_node_port {
+            add_health_check(&mut state, svc, hc_port, slices, node.name);
         }
     }
     state
+}
+
+/// kube-proxy's localEndpoints: the distinct IPs of this node's ready endpoints, over all
+/// the Service's slices and ports.
+fn add_health_check(
+    state: &mut DesiredState,
+    svc: &ServiceRecord,
+    hc_port: u16,
+    slices: &[&SliceRecord],
+    node_name: &str,
+) {
+    let local_ready: BTreeSet<Ipv4Addr> = slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|ep| ep.ready && ep.node_name.as_deref() == Some(node_name))
+        .map(|ep| ep.addr)
+        .collect();
+    match state.health_checks.get(&hc_port) {
+        Some((owner, _)) => state.conflicts.push(format!(
+            "healthCheckNodePort {hc_port} is claimed by {owner} and {}; keeping {owner}",
+            svc.id
+        )),
+        None => {
+            state.health_checks.insert(hc_port, (svc.id.clone(), local_ready.len()));
+        }
+    }
 }
 
 /// The groups and frontends of one Service port.
@@ -76,8 +112,9 @@ fn add_service_port(
     port: &ServicePort,
     slices: &[&SliceRecord],
     node: &NodeContext,
+    zone: Option<&str>,
 ) {
-    let EndpointSets { cluster, local } = endpoint_sets(slices, port, node.name);
+    let EndpointSets { cluster, local } = endpoint_sets(slices, port, node.name, zone);
     let cluster_group = group_name(svc, port);
     let local_group = format!("{cluster_group} local");
     let policy_group = |local_policy: bool| if local_policy { &local_group } else { &cluster_group };
@@ -89,6 +126,7 @@ fn add_service_port(
         internal_group: internal_group.clone(),
         flags,
         affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
+        service_port: cluster_group.clone(),
     };
     let proto = port.protocol.number();
 
@@ -151,8 +189,16 @@ pub fn group_name(svc: &ServiceRecord, port: &ServicePort) -> String {
     format!("{}:{}/{}", svc.id, port.name, port.protocol)
 }
 
+/// (namespace, name, `port/PROTO`) of a Cluster group name: Kubernetes names contain neither
+/// `/` nor `:`, so the split is unambiguous.
+pub fn split_group_name(group: &str) -> (String, String, String) {
+    let (service, port) = group.split_once(':').unwrap_or((group, ""));
+    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    (namespace.to_string(), name.to_string(), port.to_string())
+}
+
 /// The endpoints of one Service port as kube-proxy categorises them (pkg/proxy/topology.go
-/// `CategorizeEndpoints`, without zone hints).
+/// `CategorizeEndpoints`).
 struct EndpointSets {
     /// For Cluster traffic policy.
     cluster: Vec<Backend>,
@@ -160,7 +206,12 @@ struct EndpointSets {
     local: Vec<Backend>,
 }
 
-fn endpoint_sets(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -> EndpointSets {
+fn endpoint_sets(
+    slices: &[&SliceRecord],
+    port: &ServicePort,
+    node_name: &str,
+    zone: Option<&str>,
+) -> EndpointSets {
     // Per IP, the non-terminating endpoint wins over a terminating duplicate.
     let mut by_ip: BTreeMap<Ipv4Addr, (&Endpoint, u16)> = BTreeMap::new();
     for slice in slices {
@@ -184,10 +235,29 @@ fn endpoint_sets(slices: &[&SliceRecord], port: &ServicePort, node_name: &str) -
             (ep, Backend::new(ep.addr, target_port, if local { BACKEND_F_LOCAL } else { 0 }))
         })
         .collect();
+    let in_zone = |(ep, _): &&(&Endpoint, Backend)| match zone {
+        Some(zone) if use_zone_hints(&backends, zone) => ep.zone_hints.iter().any(|z| z == zone),
+        _ => true,
+    };
     EndpointSets {
-        cluster: eligible(backends.iter()),
+        cluster: eligible(backends.iter().filter(in_zone)),
         local: eligible(backends.iter().filter(|(_, b)| b.flags & BACKEND_F_LOCAL != 0)),
     }
+}
+
+/// kube-proxy's `canUseTopology`: hints count only when every ready endpoint has one and
+/// some ready endpoint is hinted for this node's zone; otherwise a partial rollout of hints
+/// would overload the hinted endpoints.
+fn use_zone_hints(endpoints: &[(&Endpoint, Backend)], zone: &str) -> bool {
+    let ready = endpoints.iter().filter(|(ep, _)| ep.ready);
+    let mut for_zone = false;
+    for (ep, _) in ready {
+        if ep.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= ep.zone_hints.iter().any(|z| z == zone);
+    }
+    for_zone
 }
 
 /// The endpoints a new connection may go to: the ready ones; if none is ready, the serving
@@ -255,7 +325,14 @@ mod tests {
 
     /// A frontend sending outside clients to `group` and the node's own to `internal_group`.
     fn external(group: &str, internal_group: &str, flags: u16) -> Frontend {
-        Frontend { group: group.into(), internal_group: internal_group.into(), flags, affinity_timeout_s: 0 }
+        Frontend {
+            group: group.into(),
+            internal_group: internal_group.into(),
+            flags,
+            affinity_timeout_s: 0,
+            // The Cluster group's name: either group without the " local" suffix.
+            service_port: group.trim_end_matches(" local").into(),
+        }
     }
 
     fn frontends<const N: usize>(entries: [(&str, u16, u8, Frontend); N]) -> BTreeMap<ServiceKey, Frontend> {

@@ -1,7 +1,7 @@
 //! `xlb`: the node agent of the xlb load balancer.
 mod agent;
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -31,8 +31,13 @@ enum Command {
 #[derive(clap::Args)]
 struct AgentArgs {
     /// Directory of Kubernetes manifests (Service, EndpointSlice, Node), watched for changes.
-    #[arg(long, required_unless_present = "cleanup")]
+    /// Without it the agent follows the Kubernetes API.
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// kubeconfig file for the Kubernetes API; without it, the in-cluster config (the Pod's
+    /// service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// This node's name: endpoints with this nodeName are local.
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
     node_name: Option<String>,
@@ -60,12 +65,47 @@ struct AgentArgs {
     /// Backend slots, over all Service ports, the backends map holds.
     #[arg(long, default_value_t = lb_common::maps::BACKENDS_MAX)]
     max_backends: u32,
-    /// Full resync period, also catching address and interface changes.
+    /// Full resync period: the maps are re-read and any drift repaired; also catches address
+    /// and interface changes. /healthz turns unhealthy after twice this without a sync.
     #[arg(long, value_parser = humantime_secs, default_value = "30")]
     sync_period: Duration,
+    /// Minimum interval between two syncs: changes arriving closer together are written as one.
+    #[arg(long, value_parser = humantime_secs, default_value = "0.1")]
+    min_sync_period: Duration,
+    /// The cluster's node port range (kube-apiserver --service-node-port-range): nodePorts
+    /// outside it are rejected.
+    #[arg(long, value_parser = port_range, default_value = "30000-32767")]
+    service_node_port_range: RangeInclusive<u16>,
+    /// Address of the /healthz and /livez server, as kube-proxy's; empty: none.
+    #[arg(long, value_parser = bind_address, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: BindAddress,
+    /// Address of the Prometheus /metrics server; empty: none.
+    #[arg(long, value_parser = bind_address, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: BindAddress,
     /// Remove every program, link and pin under --bpffs-dir, then exit.
     #[arg(long)]
     cleanup: bool,
+}
+
+fn port_range(s: &str) -> Result<RangeInclusive<u16>, String> {
+    let bad = || format!("{s:?} is not a port range like 30000-32767");
+    let (low, high) = s.split_once('-').ok_or_else(bad)?;
+    let (low, high): (u16, u16) = (low.parse().map_err(|_| bad())?, high.parse().map_err(|_| bad())?);
+    if low == 0 || low > high {
+        return Err(bad());
+    }
+    Ok(low..=high)
+}
+
+/// A server's address; `None` (an empty flag) turns the server off.
+#[derive(Clone)]
+struct BindAddress(Option<SocketAddr>);
+
+fn bind_address(s: &str) -> Result<BindAddress, String> {
+    if s.is_empty() {
+        return Ok(BindAddress(None));
+    }
+    s.parse().map(|a| BindAddress(Some(a))).map_err(|_| format!("{s:?} is not an address:port"))
 }
 
 fn humantime_secs(s: &str) -> Result<Duration, String> {
@@ -108,8 +148,12 @@ fn main() -> anyhow::Result<()> {
                 .map(glob::Pattern::new)
                 .transpose()
                 .context("--pod-interfaces is not a valid glob")?;
+            let source = match args.manifests {
+                Some(dir) => agent::Source::Manifests(dir),
+                None => agent::Source::Api { kubeconfig: args.kubeconfig },
+            };
             agent::run(agent::Config {
-                manifests: args.manifests.expect("required by clap"),
+                source,
                 node_name: args.node_name.expect("required by clap"),
                 external_interfaces: args.external_interfaces,
                 pod_interfaces,
@@ -121,6 +165,10 @@ fn main() -> anyhow::Result<()> {
                     conntrack: args.conntrack_size,
                 },
                 sync_period: args.sync_period,
+                min_sync_period: args.min_sync_period,
+                node_port_range: args.service_node_port_range,
+                healthz_bind_address: args.healthz_bind_address.0,
+                metrics_bind_address: args.metrics_bind_address.0,
             })
         }
     }

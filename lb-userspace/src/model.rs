@@ -4,6 +4,7 @@ use std::{
     collections::BTreeMap,
     fmt,
     net::{IpAddr, Ipv4Addr},
+    ops::RangeInclusive,
 };
 
 use k8s_openapi::api::{
@@ -18,6 +19,10 @@ pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
+/// Node label naming its zone, matched against endpoint zone hints.
+pub const LABEL_TOPOLOGY_ZONE: &str = "topology.kubernetes.io/zone";
+/// The API server's default `--service-node-port-range`.
+pub const NODE_PORT_RANGE_DEFAULT: RangeInclusive<u16> = 30000..=32767;
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NamespacedName {
@@ -181,6 +186,9 @@ pub struct ServiceRecord {
     pub internal_policy_local: bool,
     /// `sessionAffinity: ClientIP`: the affinity timeout in seconds.
     pub affinity_timeout_s: Option<u32>,
+    /// `spec.healthCheckNodePort` of a LoadBalancer with `externalTrafficPolicy: Local`, the
+    /// only Services kube-proxy serves one for.
+    pub health_check_node_port: Option<u16>,
 }
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` default and maximum (API validation).
@@ -229,8 +237,19 @@ fn ipv4_entries<T>(
     entries.filter_map(|(i, value)| parse(value, &format!("{field}[{i}]")).transpose()).collect()
 }
 
+/// A node port: a port inside the cluster's node port range.
+fn node_port(value: i32, field: &str, range: &RangeInclusive<u16>) -> Result<u16, InvalidField> {
+    let p = port(value, field)?;
+    if !range.contains(&p) {
+        let reason = format!("{p} is outside the node port range {}-{}", range.start(), range.end());
+        return Err(invalid(field, reason));
+    }
+    Ok(p)
+}
+
 impl ServiceRecord {
-    pub fn from_object(svc: &Service) -> Result<Option<Self>, InvalidField> {
+    /// `node_ports`: the cluster's node port range; nodePorts outside it are invalid.
+    pub fn from_object(svc: &Service, node_ports: &RangeInclusive<u16>) -> Result<Option<Self>, InvalidField> {
         let id = namespaced(&svc.metadata)?;
         let labels = svc.metadata.labels.as_ref();
         if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
@@ -251,7 +270,7 @@ impl ServiceRecord {
         for (i, p) in spec.ports.iter().flatten().enumerate() {
             let field = |f: &str| format!("spec.ports[{i}].{f}");
             let node_port = match p.node_port {
-                Some(np) if with_node_ports => Some(port(np, &field("nodePort"))?),
+                Some(np) if with_node_ports => Some(node_port(np, &field("nodePort"), node_ports)?),
                 _ => None,
             };
             let Some(protocol) = Protocol::parse(p.protocol.as_deref(), &field("protocol"))? else {
@@ -271,6 +290,13 @@ impl ServiceRecord {
         } else {
             (Vec::new(), Vec::new())
         };
+        let external_policy_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let health_check_node_port = match spec.health_check_node_port {
+            Some(hc) if svc_type == "LoadBalancer" && external_policy_local => {
+                Some(node_port(hc, "spec.healthCheckNodePort", node_ports)?)
+            }
+            _ => None,
+        };
         Ok(Some(Self {
             id,
             cluster_ip,
@@ -278,9 +304,10 @@ impl ServiceRecord {
             external_ips: ipv4_entries(&spec.external_ips, "spec.externalIPs", ipv4_or_v6)?,
             lb_ips,
             source_ranges,
-            external_policy_local: spec.external_traffic_policy.as_deref() == Some("Local"),
+            external_policy_local,
             internal_policy_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
             affinity_timeout_s: affinity_timeout_s(spec)?,
+            health_check_node_port,
         }))
     }
 }
@@ -299,6 +326,8 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// `hints.forZones[].name`: the zones whose nodes should use this endpoint.
+    pub zone_hints: Vec<String>,
 }
 
 /// An IPv4 EndpointSlice of a Service. Non-IPv4 and headless slices: `Ok(None)`.
@@ -346,6 +375,12 @@ impl SliceRecord {
                 ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                 serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                 terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                zone_hints: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_zones.iter().flatten())
+                    .map(|z| z.name.clone())
+                    .collect(),
             });
         }
         Ok(Some(Self { id, service, ports, endpoints }))
@@ -357,6 +392,10 @@ impl SliceRecord {
 pub struct NodeRecord {
     pub name: String,
     pub internal_ip: Option<Ipv4Addr>,
+    /// The `topology.kubernetes.io/zone` label, for zone hints.
+    pub zone: Option<String>,
+    /// The Node has a deletionTimestamp: /healthz reports it not eligible.
+    pub deleting: bool,
 }
 
 impl NodeRecord {
@@ -370,7 +409,8 @@ impl NodeRecord {
                 internal_ip = ipv4_or_v6(&a.address, &format!("status.addresses[{i}].address"))?;
             }
         }
-        Ok(Self { name, internal_ip })
+        let zone = node.metadata.labels.as_ref().and_then(|l| l.get(LABEL_TOPOLOGY_ZONE)).cloned();
+        Ok(Self { name, internal_ip, zone, deleting: node.metadata.deletion_timestamp.is_some() })
     }
 }
 
@@ -383,13 +423,26 @@ pub enum Object {
 }
 
 impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Node(_) => Kind::Node,
+        }
+    }
+
+    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Self::Service(o) => &o.metadata,
+            Self::EndpointSlice(o) => &o.metadata,
+            Self::Node(o) => &o.metadata,
+        }
+    }
+
     /// "Service default/kiada", for messages. Tolerates objects without a name.
     pub fn describe(&self) -> String {
-        let (kind, meta) = match self {
-            Self::Service(o) => ("Service", &o.metadata),
-            Self::EndpointSlice(o) => ("EndpointSlice", &o.metadata),
-            Self::Node(o) => ("Node", &o.metadata),
-        };
+        let kind = self.kind().as_str();
+        let meta = self.metadata();
         let name = meta.name.as_deref().unwrap_or("<unnamed>");
         match (&meta.namespace, self) {
             (_, Self::Node(_)) => format!("{kind} {name}"),
@@ -407,6 +460,34 @@ pub enum ObjectKey {
     Node(String),
 }
 
+/// The kinds of object xlb reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    Node,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "Service",
+            Self::EndpointSlice => "EndpointSlice",
+            Self::Node => "Node",
+        }
+    }
+}
+
+impl ObjectKey {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Node(_) => Kind::Node,
+        }
+    }
+}
+
 /// What a valid object contributes. `Skipped` objects (headless, other proxies...) are
 /// still remembered so a later delete or replace knows them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -421,16 +502,17 @@ enum Record {
 #[derive(Debug, thiserror::Error)]
 #[error("{origin}: {object}: {error}")]
 pub struct Rejected {
+    pub kind: Kind,
     pub origin: String,
     pub object: String,
     pub error: InvalidField,
 }
 
-fn validate(object: &Object) -> Result<(ObjectKey, Record), InvalidField> {
+fn validate(object: &Object, node_ports: &RangeInclusive<u16>) -> Result<(ObjectKey, Record), InvalidField> {
     Ok(match object {
         Object::Service(svc) => {
             let key = ObjectKey::Service(namespaced(&svc.metadata)?);
-            (key, ServiceRecord::from_object(svc)?.map_or(Record::Skipped, Record::Service))
+            (key, ServiceRecord::from_object(svc, node_ports)?.map_or(Record::Skipped, Record::Service))
         }
         Object::EndpointSlice(slice) => {
             let key = ObjectKey::EndpointSlice(namespaced(&slice.metadata)?);
@@ -447,15 +529,28 @@ fn validate(object: &Object) -> Result<(ObjectKey, Record), InvalidField> {
 ///
 /// An invalid object is rejected and its previous good version, if any, stays: a bad edit
 /// never takes a working Service down.
-#[derive(Default, Debug)]
+#[derive(Debug)]
 pub struct Store {
     records: BTreeMap<ObjectKey, Record>,
+    node_ports: RangeInclusive<u16>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(NODE_PORT_RANGE_DEFAULT)
+    }
 }
 
 impl Store {
+    /// An empty store validating nodePorts against `node_ports`.
+    pub fn new(node_ports: RangeInclusive<u16>) -> Self {
+        Self { records: BTreeMap::new(), node_ports }
+    }
+
     /// Adds or updates one object. `origin` says where it came from (a file, the API).
     pub fn apply(&mut self, object: &Object, origin: &str) -> Result<(), Rejected> {
-        let (key, record) = validate(object).map_err(|error| Rejected {
+        let (key, record) = validate(object, &self.node_ports).map_err(|error| Rejected {
+            kind: object.kind(),
             origin: origin.to_string(),
             object: object.describe(),
             error,
@@ -477,7 +572,28 @@ impl Store {
         objects: impl IntoIterator<Item = (&'a Object, &'a str)>,
         unreadable: impl IntoIterator<Item = ObjectKey>,
     ) -> Vec<Rejected> {
-        let mut previous = std::mem::take(&mut self.records);
+        self.replace_matching(|_| true, objects, unreadable)
+    }
+
+    /// Like `replace_all`, for the objects of one kind: a full listing from a watch of that
+    /// kind leaves the other kinds alone.
+    pub fn replace_kind<'a>(
+        &mut self,
+        kind: Kind,
+        objects: impl IntoIterator<Item = (&'a Object, &'a str)>,
+    ) -> Vec<Rejected> {
+        self.replace_matching(|key| key.kind() == kind, objects, [])
+    }
+
+    fn replace_matching<'a>(
+        &mut self,
+        replaced: impl Fn(&ObjectKey) -> bool,
+        objects: impl IntoIterator<Item = (&'a Object, &'a str)>,
+        unreadable: impl IntoIterator<Item = ObjectKey>,
+    ) -> Vec<Rejected> {
+        let (mut previous, kept): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            std::mem::take(&mut self.records).into_iter().partition(|(k, _)| replaced(k));
+        self.records = kept;
         let mut keep: Vec<ObjectKey> = unreadable.into_iter().collect();
         let mut rejected = Vec::new();
         for (object, origin) in objects {
@@ -519,11 +635,7 @@ impl Store {
 /// The store key of an object, if it has a name: lets a source keep the last good version
 /// of an object it could not validate.
 pub fn object_key(object: &Object) -> Option<ObjectKey> {
-    let meta = match object {
-        Object::Service(o) => &o.metadata,
-        Object::EndpointSlice(o) => &o.metadata,
-        Object::Node(o) => &o.metadata,
-    };
+    let meta = object.metadata();
     let name = meta.name.clone()?;
     let namespace = meta.namespace.clone().unwrap_or_else(|| "default".into());
     let id = NamespacedName { namespace, name };
@@ -554,7 +666,7 @@ mod tests {
 
     fn service_record(obj: &Object) -> Result<Option<ServiceRecord>, InvalidField> {
         let Object::Service(s) = obj else { panic!("not a Service") };
-        ServiceRecord::from_object(s)
+        ServiceRecord::from_object(s, &NODE_PORT_RANGE_DEFAULT)
     }
 
     fn slice(body: &str) -> Object {
@@ -606,6 +718,7 @@ mod tests {
                 external_policy_local: false,
                 internal_policy_local: false,
                 affinity_timeout_s: None,
+                health_check_node_port: None,
             })
         );
     }
@@ -890,6 +1003,7 @@ endpoints:
             ready,
             serving,
             terminating,
+            zone_hints: vec![],
         };
         assert_eq!(
             slice_record(&obj).unwrap(),
@@ -962,7 +1076,7 @@ endpoints:
         let internal_ip = |addresses: &str| node(addresses).unwrap().internal_ip;
         assert_eq!(
             node("[{type: ExternalIP, address: 203.0.113.1}, {type: InternalIP, address: 'fd00::1'}, {type: InternalIP, address: 192.168.1.10}]"),
-            Ok(NodeRecord { name: "node-a".into(), internal_ip: Some(ip("192.168.1.10")) })
+            Ok(NodeRecord { name: "node-a".into(), internal_ip: Some(ip("192.168.1.10")), zone: None, deleting: false })
         );
         assert_eq!(
             internal_ip(

@@ -358,7 +358,7 @@ fn bind_every_snat_port(h: &mut Harness, live: bool) {
                 snat_port: port.to_be(),
                 state: CT_STATE_ESTABLISHED,
                 flags: 0,
-                _pad: 0,
+                stats_index: 0,
                 created_ns: now,
                 last_seen_ns: now,
             };

@@ -112,7 +112,9 @@ fn loader<'a>(sizes: MapSizes) -> EbpfLoader<'a> {
         .map_max_entries(maps::BACKENDS, sizes.backends)
         .map_max_entries(maps::CT_SERVICE, sizes.conntrack)
         .map_max_entries(maps::CONNTRACK, sizes.conntrack)
-        .map_max_entries(maps::NAT, sizes.conntrack);
+        .map_max_entries(maps::NAT, sizes.conntrack)
+        // Counters are per Service port, never more than frontends (a u16 index).
+        .map_max_entries(maps::SERVICE_STATS, sizes.services.min(lb_common::stats::SERVICE_STATS_MAX));
     loader
 }
 

@@ -1,6 +1,8 @@
 //! The kernel side as the agent sees it: the embedded object, loading and attaching it with
-//! pinned maps and links (`loader`), and writing desired state into the maps (`writer`).
+//! pinned maps and links (`loader`), writing desired state into the maps (`writer`), and
+//! reading counters and table fill back (`stats`).
 pub mod loader;
+pub mod stats;
 pub mod writer;
 
 pub use loader::{cleanup, Dataplane, DataplaneError, Hook, MapSizes};

@@ -7,7 +7,7 @@ use std::{
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, MapData, MapError,
+    Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
 };
 use lb_common::{
     backend::{Backend, BackendKey},
@@ -15,6 +15,7 @@ use lb_common::{
     maps,
     service::{ServiceKey, ServiceValue},
     source_range::{SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS},
+    stats::{ServiceStats, SERVICE_STATS_MAX},
 };
 
 use super::{Dataplane, DataplaneError};
@@ -37,12 +38,15 @@ pub struct MapWriter {
     backends: HashMap<MapData, BackendKey, Backend>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     config: Array<MapData, NodeConfig>,
+    stats: PerCpuArray<MapData, ServiceStats>,
     /// What the maps hold, as far as this writer knows: read back from the maps at open,
     /// so a restarted agent adopts pinned state and prunes only what is no longer right.
     frontends: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<BackendKey, Backend>,
     ranges: BTreeSet<SourceRange>,
     node_config: NodeConfig,
+    /// The Service port each counter slot in use counts.
+    counted: BTreeMap<u16, String>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -66,21 +70,20 @@ fn frontend_name(key: &ServiceKey) -> String {
     format!("{}:{}", key.ip(), key.host_port())
 }
 
-/// Numeric ids for the desired groups. A group keeps an id the frontends in the maps already
-/// use if every use of it (as `group_id` or `internal_group_id`) stays on this group, so
-/// rewriting its slots never sends another group's clients to these backends, even briefly;
-/// other groups get ids nothing in the maps uses.
-fn group_ids(
-    frontends: &BTreeMap<ServiceKey, ServiceValue>,
-    slots: &BTreeMap<BackendKey, Backend>,
-    desired: &DesiredState,
+/// Numeric ids for `names`, from `1..limit`. A name keeps an id the maps already use if
+/// every use of it (`uses`: an id and the name its user wants now, `None` for a user going
+/// away) wants this name, so rewriting what the id points at never sends another name's
+/// packets there, even briefly. Other names get ids nothing in the maps uses (`uses` and
+/// `also_in_use`); names beyond `limit` get none.
+fn assign_ids<'a>(
+    uses: impl IntoIterator<Item = (u32, Option<&'a String>)>,
+    also_in_use: impl IntoIterator<Item = u32>,
+    names: impl IntoIterator<Item = &'a String>,
+    limit: u32,
 ) -> BTreeMap<String, u32> {
-    // Per id: the group each frontend reading it through that field is to read now.
     let mut wanted_on_id: BTreeMap<u32, Vec<Option<&String>>> = BTreeMap::new();
-    for (key, value) in frontends {
-        let wanted = desired.frontends.get(key);
-        wanted_on_id.entry(value.group_id).or_default().push(wanted.map(|f| &f.group));
-        wanted_on_id.entry(value.internal_group_id).or_default().push(wanted.map(|f| &f.internal_group));
+    for (id, wanted) in uses {
+        wanted_on_id.entry(id).or_default().push(wanted);
     }
     let mut ids = BTreeMap::new();
     for (id, wanted) in &wanted_on_id {
@@ -90,19 +93,46 @@ fn group_ids(
             }
         }
     }
-    let in_use: BTreeSet<u32> =
-        wanted_on_id.keys().copied().chain(slots.keys().map(|k| k.group_id)).collect();
+    let in_use: BTreeSet<u32> = wanted_on_id.keys().copied().chain(also_in_use).collect();
     let mut next = 1u32;
-    for name in desired.groups.keys() {
+    for name in names {
         if !ids.contains_key(name) {
             while in_use.contains(&next) {
                 next += 1;
+            }
+            if next >= limit {
+                break;
             }
             ids.insert(name.clone(), next);
             next += 1;
         }
     }
     ids
+}
+
+/// Numeric ids for the desired backend groups, read through `group_id` or
+/// `internal_group_id`; ids of slots still in the maps are not reused.
+fn group_ids(
+    frontends: &BTreeMap<ServiceKey, ServiceValue>,
+    slots: &BTreeMap<BackendKey, Backend>,
+    desired: &DesiredState,
+) -> BTreeMap<String, u32> {
+    let uses = frontends.iter().flat_map(|(key, value)| {
+        let wanted = desired.frontends.get(key);
+        [(value.group_id, wanted.map(|f| &f.group)), (value.internal_group_id, wanted.map(|f| &f.internal_group))]
+    });
+    assign_ids(uses, slots.keys().map(|k| k.group_id), desired.groups.keys(), u32::MAX)
+}
+
+/// Counter slots for the desired Service ports (`Frontend::service_port`). Slot 0 means "not
+/// counted": past `SERVICE_STATS_MAX` Service ports, the rest go uncounted.
+fn stats_indices(frontends: &BTreeMap<ServiceKey, ServiceValue>, desired: &DesiredState) -> BTreeMap<String, u16> {
+    let uses = frontends.iter().filter(|(_, v)| v.stats_index != 0).map(|(key, value)| {
+        (u32::from(value.stats_index), desired.frontends.get(key).map(|f| &f.service_port))
+    });
+    let names: BTreeSet<&String> = desired.frontends.values().map(|f| &f.service_port).collect();
+    let ids = assign_ids(uses, [], names, SERVICE_STATS_MAX);
+    ids.into_iter().map(|(name, id)| (name, u16::try_from(id).unwrap_or(0))).collect()
 }
 
 /// Per group id, how many of its slots the frontends may pick from: the highest count any
@@ -120,23 +150,48 @@ fn slots_read(frontends: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, u
 
 impl MapWriter {
     pub fn open(dp: &mut Dataplane) -> Result<Self, DataplaneError> {
-        let services: HashMap<_, ServiceKey, ServiceValue> =
-            dp.take_map(maps::SERVICES)?.try_into().map_err(map_err(maps::SERVICES))?;
-        let backends: HashMap<_, BackendKey, Backend> =
-            dp.take_map(maps::BACKENDS)?.try_into().map_err(map_err(maps::BACKENDS))?;
-        let source_ranges: LpmTrie<_, SourceRangeKey, u8> =
-            dp.take_map(maps::SOURCE_RANGES)?.try_into().map_err(map_err(maps::SOURCE_RANGES))?;
-        let config: Array<_, NodeConfig> =
-            dp.take_map(maps::CONFIG)?.try_into().map_err(map_err(maps::CONFIG))?;
-        let frontends = services.iter().collect::<Result<_, _>>().map_err(map_err(maps::SERVICES))?;
-        let slots = backends.iter().collect::<Result<_, _>>().map_err(map_err(maps::BACKENDS))?;
-        let ranges = source_ranges
+        let mut writer = Self {
+            services: dp.take_map(maps::SERVICES)?.try_into().map_err(map_err(maps::SERVICES))?,
+            backends: dp.take_map(maps::BACKENDS)?.try_into().map_err(map_err(maps::BACKENDS))?,
+            source_ranges: dp.take_map(maps::SOURCE_RANGES)?.try_into().map_err(map_err(maps::SOURCE_RANGES))?,
+            config: dp.take_map(maps::CONFIG)?.try_into().map_err(map_err(maps::CONFIG))?,
+            stats: dp.take_map(maps::SERVICE_STATS)?.try_into().map_err(map_err(maps::SERVICE_STATS))?,
+            frontends: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            ranges: BTreeSet::new(),
+            node_config: NodeConfig::default(),
+            counted: BTreeMap::new(),
+        };
+        writer.reread()?;
+        Ok(writer)
+    }
+
+    /// Reads back what the maps hold, forgetting what this writer believed: the next sync
+    /// then repairs any drift (an entry removed or changed by hand, e.g. with bpftool).
+    pub fn reread(&mut self) -> Result<(), DataplaneError> {
+        self.frontends = self.services.iter().collect::<Result<_, _>>().map_err(map_err(maps::SERVICES))?;
+        self.slots = self.backends.iter().collect::<Result<_, _>>().map_err(map_err(maps::BACKENDS))?;
+        self.ranges = self
+            .source_ranges
             .keys()
             .map(|key| key.map(|k| source_range(&k)))
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::SOURCE_RANGES))?;
-        let node_config = config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
-        Ok(Self { services, backends, source_ranges, config, frontends, slots, ranges, node_config })
+        self.node_config = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        Ok(())
+    }
+
+    /// The Service port (`ns/name:port/PROTO`) each counter slot in `XLB_SERVICE_STATS`
+    /// counts, as of the last sync.
+    pub fn counted(&self) -> &BTreeMap<u16, String> {
+        &self.counted
+    }
+
+    /// Zeroes counter slot `index` before it counts another Service port.
+    fn reset_counters(&mut self, index: u16) -> Result<(), String> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
+        let zeros = PerCpuValues::try_from(vec![ServiceStats::default(); cpus]).map_err(|e| e.to_string())?;
+        self.stats.set(u32::from(index), zeros, 0).map_err(|e| e.to_string())
     }
 
     /// Makes the maps hold `desired`. Order: backend slots, new source ranges, frontends (add
@@ -144,6 +199,7 @@ impl MapWriter {
     /// ever points at complete slots and finds all of its ranges.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
         let ids = group_ids(&self.frontends, &self.slots, desired);
+        let counters = stats_indices(&self.frontends, desired);
         let mut target_slots = BTreeMap::new();
         for (name, backends) in &desired.groups {
             for (slot, backend) in backends.iter().enumerate() {
@@ -162,7 +218,7 @@ impl MapWriter {
                     backend_count: count(&fe.group),
                     internal_count: count(&fe.internal_group),
                     flags: fe.flags,
-                    _pad: 0,
+                    stats_index: counters.get(&fe.service_port).copied().unwrap_or(0),
                     affinity_timeout_s: fe.affinity_timeout_s,
                 };
                 (*key, value)
@@ -177,6 +233,18 @@ impl MapWriter {
             source_ranges: desired.source_ranges.len(),
             ..Default::default()
         };
+        // A slot starts counting a Service port from zero, before any frontend points at it.
+        for (name, index) in &counters {
+            if self.counted.get(index) != Some(name) {
+                match self.reset_counters(*index) {
+                    Ok(()) => {
+                        self.counted.insert(*index, name.clone());
+                    }
+                    Err(e) => report.failures.push(format!("{name}: resetting counter slot {index}: {e}")),
+                }
+            }
+        }
+        self.counted.retain(|index, name| counters.get(name) == Some(index));
         let mut broken_groups = BTreeSet::new();
         for (key, backend) in &target_slots {
             if self.slots.get(key) == Some(backend) {
@@ -318,7 +386,7 @@ mod tests {
             backend_count: 2,
             internal_count: 1,
             flags: 0,
-            _pad: 0,
+            stats_index: 0,
             affinity_timeout_s: 0,
         }
     }
@@ -332,6 +400,7 @@ mod tests {
                 internal_group: internal_group.to_string(),
                 flags: 0,
                 affinity_timeout_s: 0,
+                service_port: group.to_string(),
             };
             state.frontends.insert(*key, fe);
             for name in [group, internal_group] {
