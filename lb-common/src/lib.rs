@@ -179,7 +179,8 @@ mod tests {
     }
 
     #[test]
-    fn ct_entry_is_frontend_and_snat_in_network_order_then_state_flags_and_host_order_stats_index_and_timestamps() {
+    fn ct_entry_is_frontend_and_snat_in_network_order_then_state_flags_and_host_order_stats_index_and_timestamps(
+    ) {
         let entry = CtEntry {
             frontend_addr: be_addr(10, 96, 0, 10),
             frontend_port: 80u16.to_be(),
@@ -192,7 +193,15 @@ mod tests {
             last_seen_ns: 42,
         };
         let head: &[u8] = &[10, 96, 0, 10, 0, 80, 0xee, 0x48, 198, 18, 0, 1, 2, 1];
-        assert_eq!(bytes(&entry), ne(&[head, &0x0102u16.to_ne_bytes(), &0x1122_3344_5566_7788u64.to_ne_bytes(), &42u64.to_ne_bytes()]));
+        assert_eq!(
+            bytes(&entry),
+            ne(&[
+                head,
+                &0x0102u16.to_ne_bytes(),
+                &0x1122_3344_5566_7788u64.to_ne_bytes(),
+                &42u64.to_ne_bytes()
+            ])
+        );
         assert_eq!((size_of::<CtEntry>(), align_of::<CtEntry>()), (32, 8));
         assert_eq!(
             [

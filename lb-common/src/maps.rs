@@ -22,8 +22,18 @@ pub const CONFIG: &str = "XLB_CONFIG";
 pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 
 /// Every map, in the order they are pinned and removed.
-pub const ALL: [&str; 10] =
-    [SERVICES, BACKENDS, CT_SERVICE, CONNTRACK, NAT, AFFINITY, SOURCE_RANGES, SOCK_REVNAT, CONFIG, SERVICE_STATS];
+pub const ALL: [&str; 10] = [
+    SERVICES,
+    BACKENDS,
+    CT_SERVICE,
+    CONNTRACK,
+    NAT,
+    AFFINITY,
+    SOURCE_RANGES,
+    SOCK_REVNAT,
+    CONFIG,
+    SERVICE_STATS,
+];
 
 /// Frontends (`--max-services`): 10,000 Services with a few ports, each on a ClusterIP and
 /// on the node's addresses.

@@ -181,7 +181,17 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 return None;
             }
             let (sport, dport, tcp_flags) = ports(pkt, l4, proto, true)?;
-            Some(Parsed::Flow(Flow { l3, l4, proto, tcp_flags, saddr, daddr, sport, dport, len: total_len as u16 }))
+            Some(Parsed::Flow(Flow {
+                l3,
+                l4,
+                proto,
+                tcp_flags,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                len: total_len as u16,
+            }))
         }
         proto::ICMP => {
             let icmp = ptr_at::<[u8; ICMP_HLEN], P>(pkt, l4)? as *const u8;

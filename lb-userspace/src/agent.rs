@@ -29,7 +29,9 @@ use notify::Watcher as _;
 pub enum Source {
     Manifests(PathBuf),
     /// The Kubernetes API: in-cluster config, or this kubeconfig file.
-    Api { kubeconfig: Option<PathBuf> },
+    Api {
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 pub struct Config {
@@ -89,7 +91,9 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         })
     };
     match &config.source {
-        Source::Manifests(dir) => follow_manifests(dir.clone(), shared.clone(), on_rejected, config.sync_period)?,
+        Source::Manifests(dir) => {
+            follow_manifests(dir.clone(), shared.clone(), on_rejected, config.sync_period)?
+        }
         Source::Api { kubeconfig } => {
             let client = runtime.block_on(kube_client(kubeconfig.as_ref()))?;
             let (node_name, shared) = (config.node_name.clone(), shared.clone());
@@ -102,8 +106,17 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         "agent started"
     );
     let health_servers = ServiceHealthServers::new(health, Ipv4Addr::UNSPECIFIED, runtime.handle().clone());
-    SyncLoop { config: &config, dataplane, writer, shared, metrics, counted, health_servers, pods: BTreeSet::new() }
-        .run();
+    SyncLoop {
+        config: &config,
+        dataplane,
+        writer,
+        shared,
+        metrics,
+        counted,
+        health_servers,
+        pods: BTreeSet::new(),
+    }
+    .run();
     Ok(())
 }
 
@@ -239,9 +252,7 @@ impl SyncLoop<'_> {
                 continue;
             }
             // Coalesce bursts: at most one sync per min_sync_period.
-            if let Some(wait) =
-                last_sync.and_then(|t| self.config.min_sync_period.checked_sub(t.elapsed()))
-            {
+            if let Some(wait) = last_sync.and_then(|t| self.config.min_sync_period.checked_sub(t.elapsed())) {
                 std::thread::sleep(wait);
             }
             let full = Instant::now() >= next_full;

@@ -1,14 +1,24 @@
 //! The xlb agent: Kubernetes objects → per-node desired state → diff → BPF maps.
 //!
 //! - `model`: validated Service, EndpointSlice and Node records, and the `Store` every source
-//!   feeds (manifests now, the API watcher later): one path from objects to maps.
+//!   feeds: one path from objects to maps.
 //! - `manifests`: the directory source (multi-document YAML, `kind: List`).
+//! - `kubernetes`: the API source (watches of Services, EndpointSlices and the Node).
+//! - `sources`: the store the sources share with the sync loop, and their state.
 //! - `desired`: pure functions from the store to the frontends and backend groups of a node.
 //! - `dataplane`: loading, attaching and pinning the programs (`loader`), and the one map
-//!   writer that diffs desired state against the maps (`writer`).
+//!   writer that diffs desired state against the maps (`writer`), counters read back (`stats`).
 //! - `netif`: the node's interfaces and addresses, read in the agent's network namespace.
+//! - `health`: kube-proxy's health answers: `/healthz` and `/livez`, and one
+//!   healthCheckNodePort server per Service with externalTrafficPolicy Local.
+//! - `metrics`: Prometheus `/metrics`: kube-proxy's sync metrics, object counters, and
+//!   per-Service traffic and BPF map fill read from the dataplane at each scrape.
 pub mod dataplane;
 pub mod desired;
+pub mod health;
+pub mod kubernetes;
 pub mod manifests;
+pub mod metrics;
 pub mod model;
 pub mod netif;
+pub mod sources;

@@ -249,7 +249,10 @@ fn node_port(value: i32, field: &str, range: &RangeInclusive<u16>) -> Result<u16
 
 impl ServiceRecord {
     /// `node_ports`: the cluster's node port range; nodePorts outside it are invalid.
-    pub fn from_object(svc: &Service, node_ports: &RangeInclusive<u16>) -> Result<Option<Self>, InvalidField> {
+    pub fn from_object(
+        svc: &Service,
+        node_ports: &RangeInclusive<u16>,
+    ) -> Result<Option<Self>, InvalidField> {
         let id = namespaced(&svc.metadata)?;
         let labels = svc.metadata.labels.as_ref();
         if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {

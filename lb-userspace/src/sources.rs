@@ -43,9 +43,11 @@ impl Shared {
         })
     }
 
-    /// A source the sync loop must wait for before its first write.
+    /// A source the sync loop must wait for before its first write. Its first listing is
+    /// an update in waiting: /healthz turns unhealthy if it takes too long.
     pub fn register(&self, source: &'static str) {
         lock(&self.sources).insert(source, SourceState::default());
+        self.health.queued_update();
     }
 
     /// Changes the store and wakes the sync loop.

@@ -6,6 +6,7 @@
 //!
 //! Everything here needs root; all addresses come from 198.18.0.0/15 and nothing is created
 //! in the root network namespace.
+pub mod apiserver;
 pub mod frame;
 pub mod kiada;
 pub mod netns;

@@ -321,13 +321,20 @@ impl Testbed {
         Ok(())
     }
 
-    /// Starts `xlb agent` in node `i`'s namespace, attached to its `eth0` and pod veths.
+    /// Starts `xlb agent` in node `i`'s namespace on the shared manifests directory, attached
+    /// to its `eth0` and pod veths.
     pub fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let manifests = self.manifests.clone();
+        self.start_agent_with(i, &["--manifests".as_ref(), manifests.as_os_str()])
+    }
+
+    /// Starts `xlb agent` in node `i`'s namespace with `source` (e.g. `--kubeconfig FILE`)
+    /// and any other flags, attached to its `eth0` and pod veths.
+    pub fn start_agent_with(&mut self, i: usize, source: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
         let node = &self.nodes[i];
         let mut cmd = netns::command(&node.ns, &bin_path("xlb").to_string_lossy());
         cmd.arg("agent")
-            .arg("--manifests")
-            .arg(&self.manifests)
+            .args(source)
             .args(["--node-name", &node.name, "--external-interfaces", "eth0", "--pod-interfaces", "pod*"])
             .arg("--bpffs-dir")
             .arg(&node.bpffs_dir)

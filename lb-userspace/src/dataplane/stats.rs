@@ -120,7 +120,10 @@ fn count_entries(map: &MapData, key_size: usize) -> Result<u64, MapError> {
             if error.raw_os_error() == Some(libc::ENOENT) {
                 return Ok(count);
             }
-            return Err(MapError::SyscallError(aya::sys::SyscallError { call: "bpf_map_get_next_key", io_error: error }));
+            return Err(MapError::SyscallError(aya::sys::SyscallError {
+                call: "bpf_map_get_next_key",
+                io_error: error,
+            }));
         }
         count += 1;
         first = false;

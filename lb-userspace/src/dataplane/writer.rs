@@ -119,14 +119,20 @@ fn group_ids(
 ) -> BTreeMap<String, u32> {
     let uses = frontends.iter().flat_map(|(key, value)| {
         let wanted = desired.frontends.get(key);
-        [(value.group_id, wanted.map(|f| &f.group)), (value.internal_group_id, wanted.map(|f| &f.internal_group))]
+        [
+            (value.group_id, wanted.map(|f| &f.group)),
+            (value.internal_group_id, wanted.map(|f| &f.internal_group)),
+        ]
     });
     assign_ids(uses, slots.keys().map(|k| k.group_id), desired.groups.keys(), u32::MAX)
 }
 
 /// Counter slots for the desired Service ports (`Frontend::service_port`). Slot 0 means "not
 /// counted": past `SERVICE_STATS_MAX` Service ports, the rest go uncounted.
-fn stats_indices(frontends: &BTreeMap<ServiceKey, ServiceValue>, desired: &DesiredState) -> BTreeMap<String, u16> {
+fn stats_indices(
+    frontends: &BTreeMap<ServiceKey, ServiceValue>,
+    desired: &DesiredState,
+) -> BTreeMap<String, u16> {
     let uses = frontends.iter().filter(|(_, v)| v.stats_index != 0).map(|(key, value)| {
         (u32::from(value.stats_index), desired.frontends.get(key).map(|f| &f.service_port))
     });
@@ -153,7 +159,10 @@ impl MapWriter {
         let mut writer = Self {
             services: dp.take_map(maps::SERVICES)?.try_into().map_err(map_err(maps::SERVICES))?,
             backends: dp.take_map(maps::BACKENDS)?.try_into().map_err(map_err(maps::BACKENDS))?,
-            source_ranges: dp.take_map(maps::SOURCE_RANGES)?.try_into().map_err(map_err(maps::SOURCE_RANGES))?,
+            source_ranges: dp
+                .take_map(maps::SOURCE_RANGES)?
+                .try_into()
+                .map_err(map_err(maps::SOURCE_RANGES))?,
             config: dp.take_map(maps::CONFIG)?.try_into().map_err(map_err(maps::CONFIG))?,
             stats: dp.take_map(maps::SERVICE_STATS)?.try_into().map_err(map_err(maps::SERVICE_STATS))?,
             frontends: BTreeMap::new(),
