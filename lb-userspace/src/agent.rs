@@ -204,7 +204,9 @@ fn read_dataplane(
 ) -> Box<dyn Fn() -> DataplaneStats + Send + Sync> {
     Box::new(move || {
         let counted = counted.lock().map(|c| c.clone()).unwrap_or_default();
-        let services = dataplane::stats::service_traffic(&dir, &counted).unwrap_or_else(|e| {
+        let services = dataplane::stats::pinned_service_stats(&dir)
+            .and_then(|stats| dataplane::stats::service_traffic(&stats, &counted))
+            .unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading Service counters");
             Vec::new()
         });

@@ -272,7 +272,12 @@ impl RawWatch {
     /// The next event other than a bookmark (those also come every second), or None once
     /// the stream has ended.
     fn event(&mut self) -> Option<Value> {
-        std::iter::from_fn(|| Some(self.any_event())).flatten().find(|e| e["type"] != "BOOKMARK")
+        loop {
+            match self.any_event() {
+                Some(event) if event["type"] == "BOOKMARK" => continue,
+                event => return event,
+            }
+        }
     }
 
     fn any_event(&mut self) -> Option<Value> {

@@ -246,7 +246,7 @@ struct Harness {
     ct_service: HashMap<MapData, CtKey, CtBackend>,
     nat: HashMap<MapData, CtKey, NatEntry>,
     affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
-    _writer: MapWriter,
+    writer: MapWriter,
 }
 
 impl Harness {
@@ -273,7 +273,7 @@ impl Harness {
         let ct_service = dp.take_map(maps::CT_SERVICE).unwrap().try_into().unwrap();
         let nat = dp.take_map(maps::NAT).unwrap().try_into().unwrap();
         let affinity = dp.take_map(maps::AFFINITY).unwrap().try_into().unwrap();
-        Self { dp, conntrack, ct_service, nat, affinity, _writer: writer }
+        Self { dp, conntrack, ct_service, nat, affinity, writer }
     }
 
     /// Runs `hook`'s program on `input`: (verdict, output frame).
@@ -598,6 +598,29 @@ fn hostile_frames_pass_unchanged_and_write_nothing() {
         }
     }
     assert_eq!(h.entries(), 0, "hostile frames must not create conntrack or NAT entries");
+}
+
+/// Every packet of a balanced connection, both directions, adds to its Service port's
+/// per-CPU counters (packets, IP bytes); other Service ports and garbage add nothing.
+#[test]
+fn service_counters_add_every_packet_of_both_directions() {
+    let h = Harness::new();
+    let packets = [
+        (Hook::XdpIngress, frame::tcp(CLIENT, NP_LOCAL, SYN)),
+        (Hook::TcEgress, frame::tcp(POD_A, CLIENT, SYN | ACK)),
+        (Hook::XdpIngress, frame::tcp(CLIENT, NP_LOCAL, ACK)),
+        (Hook::XdpIngress, frame::vlan_tagged(&frame::tcp(CLIENT, NP_LOCAL, ACK), 100)),
+    ];
+    for (hook, input) in &packets {
+        h.run(*hook, input);
+    }
+    let traffic = h.writer.traffic().expect("counters");
+    let counted: Vec<(&str, u64, u64)> =
+        traffic.iter().filter(|t| t.packets > 0).map(|t| (t.service_port.as_str(), t.packets, t.bytes)).collect();
+    // The VLAN-tagged frame is not ours; bytes are the IP packets' (frame minus Ethernet).
+    let ip_bytes: u64 = packets[..3].iter().map(|(_, f)| f.len() as u64 - 14).sum();
+    assert_eq!(counted, [("default/local:http/TCP", 3, ip_bytes)]);
+    assert!(traffic.len() > 1, "every Service port has a counter slot: {traffic:?}");
 }
 
 /// A SNAT port held by a connection that is over (no live conntrack entry) is taken over by a

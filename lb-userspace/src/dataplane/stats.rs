@@ -44,14 +44,18 @@ fn open(dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {
     MapData::from_pin(dir.join(name)).map_err(|source| DataplaneError::Map { name, source })
 }
 
+/// The pinned counters map under `dir`.
+pub fn pinned_service_stats(dir: &Path) -> Result<PerCpuArray<MapData, ServiceStats>, DataplaneError> {
+    let map = Map::PerCpuArray(open(dir, maps::SERVICE_STATS)?);
+    map.try_into().map_err(|source| DataplaneError::Map { name: maps::SERVICE_STATS, source })
+}
+
 /// The counters of every Service port in `counted` (counter slot → Service port).
 pub fn service_traffic(
-    dir: &Path,
+    stats: &PerCpuArray<MapData, ServiceStats>,
     counted: &BTreeMap<u16, String>,
 ) -> Result<Vec<ServiceTraffic>, DataplaneError> {
     let map_err = |source| DataplaneError::Map { name: maps::SERVICE_STATS, source };
-    let map = Map::PerCpuArray(open(dir, maps::SERVICE_STATS)?);
-    let stats: PerCpuArray<_, ServiceStats> = map.try_into().map_err(map_err)?;
     counted
         .iter()
         .map(|(index, service_port)| {

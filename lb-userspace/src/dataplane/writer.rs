@@ -196,6 +196,11 @@ impl MapWriter {
         &self.counted
     }
 
+    /// Traffic of every Service port counted, as of now.
+    pub fn traffic(&self) -> Result<Vec<super::stats::ServiceTraffic>, DataplaneError> {
+        super::stats::service_traffic(&self.stats, &self.counted)
+    }
+
     /// Zeroes counter slot `index` before it counts another Service port.
     fn reset_counters(&mut self, index: u16) -> Result<(), String> {
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e.to_string())?;
