@@ -96,8 +96,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         }
         Source::Api { kubeconfig } => {
             let client = runtime.block_on(kube_client(kubeconfig.as_ref()))?;
-            let (node_name, shared) = (config.node_name.clone(), shared.clone());
-            runtime.spawn(async move { kubernetes::watch(client, &node_name, shared, on_rejected).await });
+            runtime.spawn(kubernetes::watch(client, config.node_name.clone(), shared.clone(), on_rejected));
         }
     }
     tracing::info!(

@@ -771,4 +771,205 @@ mod tests {
         let state = compute(&store, &node());
         assert!(state.frontends.values().all(|f| f.affinity_timeout_s == 10_800));
     }
+
+    /// A LoadBalancer Service with externalTrafficPolicy Local and the given healthCheckNodePort.
+    fn hc_svc(name: &str, cluster_ip: &str, node_port: u16, hc_port: u16) -> String {
+        lb_svc(
+            name,
+            cluster_ip,
+            &format!(", externalTrafficPolicy: Local, healthCheckNodePort: {hc_port}"),
+            "[]",
+        )
+        .replace("30080", &node_port.to_string())
+    }
+
+    fn nn(namespace: &str, name: &str) -> NamespacedName {
+        NamespacedName { namespace: namespace.into(), name: name.into() }
+    }
+
+    #[test]
+    fn health_check_counts_the_distinct_ips_of_this_nodes_ready_endpoints_over_all_slices() {
+        let web_1 = format!(
+            "[{}, {}, {}, {}]",
+            ep("10.244.1.1", "node-a", ""),
+            ep("10.244.1.2", "node-a", "ready: false, serving: true, terminating: true"),
+            ep("10.244.1.4", "node-a", "ready: false"),
+            ep("10.244.2.2", "node-b", ""),
+        );
+        // web-2 repeats 10.244.1.1 on another port and adds 10.244.1.3.
+        let web_2 = format!("[{}, {}]", ep("10.244.1.1", "node-a", ""), ep("10.244.1.3", "node-a", ""));
+        let yaml = hc_svc("web", "10.96.0.10", 30080, 32000)
+            + &slice("web-1", "web", HTTP, &web_1)
+            + &slice("web-2", "web", "[{name: metrics, port: 9100}]", &web_2);
+        let state = compute(&store(&yaml), &node());
+        assert_eq!(state.health_checks, [(32000, (nn("default", "web"), 2))].into());
+        assert_eq!(state.conflicts, Vec::<String>::new());
+    }
+
+    #[test]
+    fn health_check_of_a_service_without_local_ready_endpoints_counts_zero() {
+        let yaml = hc_svc("web", "10.96.0.10", 30080, 32000)
+            + &slice("web-1", "web", HTTP, &format!("[{}]", ep("10.244.2.2", "node-b", "")));
+        assert_eq!(
+            compute(&store(&yaml), &node()).health_checks,
+            [(32000, (nn("default", "web"), 0))].into()
+        );
+        let without_slices = hc_svc("web", "10.96.0.10", 30080, 32000);
+        assert_eq!(
+            compute(&store(&without_slices), &node()).health_checks,
+            [(32000, (nn("default", "web"), 0))].into()
+        );
+    }
+
+    #[test]
+    fn only_load_balancers_with_external_traffic_policy_local_get_a_health_check() {
+        let cluster_policy = lb_svc("web", "10.96.0.10", ", healthCheckNodePort: 32000", "[]");
+        let state = compute(&store(&(cluster_policy + &web_slice())), &node());
+        assert_eq!(state.health_checks, BTreeMap::new());
+    }
+
+    #[test]
+    fn health_check_node_port_claimed_by_two_services_is_a_conflict_won_by_the_first_name() {
+        // "beta" comes first in the text and has the local endpoint; "alpha" still wins.
+        let yaml = hc_svc("beta", "10.96.0.2", 30081, 32000)
+            + &hc_svc("alpha", "10.96.0.1", 30080, 32000)
+            + &slice("beta-1", "beta", HTTP, &format!("[{}]", ep("10.244.1.1", "node-a", "")));
+        let state = compute(&store(&yaml), &node());
+        assert_eq!(state.health_checks, [(32000, (nn("default", "alpha"), 0))].into());
+        assert_eq!(
+            state.conflicts,
+            vec!["healthCheckNodePort 32000 is claimed by default/alpha and default/beta; keeping default/alpha"]
+        );
+    }
+
+    /// Node `node-a` with the given labels (flow-style map).
+    fn node_obj(labels: &str) -> String {
+        format!("kind: Node\nmetadata: {{name: node-a, labels: {labels}}}\n---\n")
+    }
+
+    /// A ready endpoint hinted for `zones` (flow-style list of names); `[]` for no hints.
+    fn hinted(addr: &str, node: &str, zones: &[&str]) -> String {
+        let for_zones: Vec<String> = zones.iter().map(|z| format!("{{name: {z}}}")).collect();
+        let hints = if zones.is_empty() {
+            String::new()
+        } else {
+            format!(", hints: {{forZones: [{}]}}", for_zones.join(", "))
+        };
+        format!("{{addresses: [{addr}], nodeName: {node}{hints}}}")
+    }
+
+    const ZONE_A: &str = "{topology.kubernetes.io/zone: zone-a}";
+
+    /// The addresses of the Cluster group of Service `web` (ClusterIP) with the given endpoints,
+    /// on node-a labelled `node_labels` (`None`: no Node object).
+    fn cluster_addrs(node_labels: Option<&str>, endpoints: &[String]) -> Vec<Ipv4Addr> {
+        let yaml = node_labels.map(node_obj).unwrap_or_default()
+            + &svc("web", WEB)
+            + &slice("web-1", "web", HTTP, &format!("[{}]", endpoints.join(", ")));
+        let state = compute(&store(&yaml), &node());
+        group(&state, CLUSTER).into_iter().map(|(addr, _, _)| addr).collect()
+    }
+
+    #[test]
+    fn cluster_group_holds_only_the_endpoints_hinted_for_the_nodes_zone() {
+        let endpoints = [
+            hinted("10.244.1.1", "node-a", &["zone-a"]),
+            hinted("10.244.2.2", "node-b", &["zone-b"]),
+            hinted("10.244.3.3", "node-c", &["zone-b", "zone-a"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &endpoints), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+    }
+
+    #[test]
+    fn zone_hints_are_ignored_unless_every_ready_endpoint_has_one_and_one_is_for_the_nodes_zone() {
+        let all = vec![ip("10.244.1.1"), ip("10.244.2.2")];
+        let a_and_b =
+            [hinted("10.244.1.1", "node-a", &["zone-a"]), hinted("10.244.2.2", "node-b", &["zone-b"])];
+        // One ready endpoint without hints: a partial rollout.
+        let partial = [hinted("10.244.1.1", "node-a", &["zone-a"]), hinted("10.244.2.2", "node-b", &[])];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &partial), all);
+        // No endpoint for this node's zone.
+        let b_only =
+            [hinted("10.244.1.1", "node-a", &["zone-b"]), hinted("10.244.2.2", "node-b", &["zone-c"])];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &b_only), all);
+        // The node has no zone label, or there is no Node object at all.
+        assert_eq!(cluster_addrs(Some("{kubernetes.io/os: linux}"), &a_and_b), all);
+        assert_eq!(cluster_addrs(None, &a_and_b), all);
+        // With every condition met, the hints apply.
+        assert_eq!(cluster_addrs(Some(ZONE_A), &a_and_b), vec![ip("10.244.1.1")]);
+    }
+
+    #[test]
+    fn endpoints_that_are_not_ready_do_not_need_zone_hints_and_are_not_chosen() {
+        let endpoints = [
+            hinted("10.244.1.1", "node-a", &["zone-a"]),
+            hinted("10.244.2.2", "node-b", &["zone-b"]),
+            // Not ready and unhinted: does not turn hints off.
+            ep("10.244.3.3", "node-c", "ready: false, serving: true, terminating: true"),
+            // Not ready but hinted for this zone: still not chosen.
+            "{addresses: [10.244.4.4], nodeName: node-d, conditions: {ready: false, serving: true, terminating: true}, hints: {forZones: [{name: zone-a}]}}".to_string(),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &endpoints), vec![ip("10.244.1.1")]);
+    }
+
+    #[test]
+    fn local_groups_ignore_zone_hints() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        // This node's endpoint is hinted for another zone.
+        let endpoints = format!(
+            "[{}, {}]",
+            hinted("10.244.1.1", "node-a", &["zone-b"]),
+            hinted("10.244.2.2", "node-b", &["zone-a"])
+        );
+        let yaml = node_obj(ZONE_A) + &svc("web", spec) + &slice("web-1", "web", HTTP, &endpoints);
+        let state = compute(&store(&yaml), &node());
+        assert_eq!(group(&state, CLUSTER), vec![(ip("10.244.2.2"), 8080, 0)]);
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
+    fn every_frontend_of_a_service_port_counts_for_its_cluster_group() {
+        let spec_extra =
+            ", externalTrafficPolicy: Local, internalTrafficPolicy: Local, externalIPs: [203.0.113.9]";
+        let yaml = lb_svc("web", "10.96.0.10", spec_extra, "[{ip: 203.0.113.1}]").replace(
+            "nodePort: 30080}",
+            "nodePort: 30080}, {name: dns, port: 53, protocol: UDP, nodePort: 30053}",
+        ) + &web_slice();
+        let state = compute(&store(&yaml), &node());
+        let service_ports: Vec<(Ipv4Addr, u16, u8, &str)> = state
+            .frontends
+            .iter()
+            .map(|(key, fe)| (key.ip(), key.host_port(), key.proto, fe.service_port.as_str()))
+            .collect();
+        let dns = "default/web:dns/UDP";
+        let mut expected = vec![
+            (ip("10.96.0.10"), 80, TCP, CLUSTER),
+            (ip("198.18.0.1"), 30080, TCP, CLUSTER),
+            (ip("192.168.1.10"), 30080, TCP, CLUSTER),
+            (ip("203.0.113.9"), 80, TCP, CLUSTER),
+            (ip("203.0.113.1"), 80, TCP, CLUSTER),
+            (ip("10.96.0.10"), 53, UDP, dns),
+            (ip("198.18.0.1"), 30053, UDP, dns),
+            (ip("192.168.1.10"), 30053, UDP, dns),
+            (ip("203.0.113.9"), 53, UDP, dns),
+            (ip("203.0.113.1"), 53, UDP, dns),
+        ];
+        expected.sort_by_key(|(addr, port, proto, _)| ServiceKey::new(*addr, *port, *proto));
+        assert_eq!(service_ports, expected);
+        // The frontends themselves use the Local groups.
+        let http_cluster_ip = &state.frontends[&ServiceKey::new(ip("10.96.0.10"), 80, TCP)];
+        assert_eq!((http_cluster_ip.group.as_str(), http_cluster_ip.service_port.as_str()), (LOCAL, CLUSTER));
+    }
+
+    #[test]
+    fn split_group_name_inverts_group_name() {
+        let yaml = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {port: 53, protocol: UDP}]}\n";
+        let store = store(yaml);
+        let svc = store.services().next().unwrap();
+        let names: Vec<String> = svc.ports.iter().map(|p| group_name(svc, p)).collect();
+        assert_eq!(names, vec!["shop/web:http/TCP", "shop/web:/UDP"]);
+        let split: Vec<_> = names.iter().map(|n| split_group_name(n)).collect();
+        let parts = |port: &str| ("shop".to_string(), "web".to_string(), port.to_string());
+        assert_eq!(split, vec![parts("http/TCP"), parts("/UDP")]);
+    }
 }

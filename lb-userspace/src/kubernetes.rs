@@ -44,8 +44,23 @@ pub const SERVICE_FIELD_SELECTOR: &str = "spec.clusterIP!=None";
 /// What to do with an object the store rejected: log it, count it.
 pub type OnRejected = Arc<dyn Fn(&Rejected) + Send + Sync>;
 
-/// Follows the three kinds until the process ends.
-pub async fn watch(client: Client, node_name: &str, shared: Arc<Shared>, on_rejected: OnRejected) {
+const KINDS: [Kind; 3] = [Kind::Service, Kind::EndpointSlice, Kind::Node];
+
+/// Registers the three kinds as sources at once, before the sync loop can run, so it never
+/// writes a store they have not filled yet; the future follows them until the process ends.
+pub fn watch(
+    client: Client,
+    node_name: String,
+    shared: Arc<Shared>,
+    on_rejected: OnRejected,
+) -> impl std::future::Future<Output = ()> {
+    for kind in KINDS {
+        shared.register(kind.as_str());
+    }
+    async move { follow_all(client, &node_name, shared, on_rejected).await }
+}
+
+async fn follow_all(client: Client, node_name: &str, shared: Arc<Shared>, on_rejected: OnRejected) {
     let labels = label_selector();
     let services = watcher::Config::default().labels(&labels).fields(SERVICE_FIELD_SELECTOR);
     let slices = watcher::Config::default().labels(&labels);
@@ -68,7 +83,7 @@ async fn probe(api: Api<Node>, node_field: &str, shared: &Shared) {
     loop {
         every.tick().await;
         if !shared.all_connected() && api.list(&params).await.is_ok() {
-            for kind in [Kind::Service, Kind::EndpointSlice, Kind::Node] {
+            for kind in KINDS {
                 shared.connected(kind.as_str(), true);
             }
         }
@@ -106,7 +121,6 @@ async fn follow<K: Watched>(
     on_rejected: &OnRejected,
 ) {
     let source = kind.as_str();
-    shared.register(source);
     let mut events = watcher(api, config).default_backoff().boxed();
     // A listing in progress, applied as a whole once complete.
     let mut listing: Vec<Object> = Vec::new();

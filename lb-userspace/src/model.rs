@@ -1169,4 +1169,213 @@ endpoints:
         assert_eq!(object_key(&unnamed), None);
         assert_eq!(unnamed.describe(), "EndpointSlice shop/<unnamed>");
     }
+
+    #[test]
+    fn node_port_outside_the_node_port_range_is_rejected_with_field_node_port() {
+        let record = |np: i32| {
+            service_record(&svc(
+                "web",
+                &format!("{{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: 30080}}, {{port: 81, nodePort: {np}}}]}}"),
+            ))
+        };
+        for bad in [80, 29_999, 32_768] {
+            assert_eq!(
+                record(bad).unwrap_err(),
+                InvalidField {
+                    field: "spec.ports[1].nodePort".into(),
+                    reason: format!("{bad} is outside the node port range 30000-32767")
+                }
+            );
+        }
+        for good in [30_000, 32_767] {
+            assert_eq!(record(good).unwrap().unwrap().ports[1].node_port, Some(good as u16));
+        }
+    }
+
+    #[test]
+    fn store_validates_node_ports_and_health_check_node_ports_against_its_own_range() {
+        let mut store = Store::new(20_000..=20_100);
+        let node_port = |np: u16| {
+            svc(
+                "web",
+                &format!("{{type: NodePort, clusterIP: 10.96.0.10, ports: [{{port: 80, nodePort: {np}}}]}}"),
+            )
+        };
+        store.apply(&node_port(20_050), "a").unwrap();
+        assert_eq!(store.services().next().unwrap().ports[0].node_port, Some(20_050));
+        let err = store.apply(&node_port(30_080), "a").unwrap_err();
+        assert_eq!(
+            err.error,
+            InvalidField {
+                field: "spec.ports[0].nodePort".into(),
+                reason: "30080 is outside the node port range 20000-20100".into()
+            }
+        );
+        // The rejected version leaves the good one in place.
+        assert_eq!(store.services().next().unwrap().ports[0].node_port, Some(20_050));
+        let hc =
+            |port: u16| lb_svc(&format!(", externalTrafficPolicy: Local, healthCheckNodePort: {port}"), "[]");
+        // lb_svc's nodePort 30080 is outside this store's range as well.
+        assert_eq!(store.apply(&hc(20_001), "a").unwrap_err().error.field, "spec.ports[0].nodePort");
+        let mut wide = Store::new(20_000..=32_767);
+        wide.apply(&hc(20_001), "a").unwrap();
+        assert_eq!(wide.services().next().unwrap().health_check_node_port, Some(20_001));
+        assert_eq!(wide.apply(&hc(19_999), "a").unwrap_err().error.field, "spec.healthCheckNodePort");
+    }
+
+    #[test]
+    fn health_check_node_port_is_read_only_for_a_load_balancer_with_external_traffic_policy_local() {
+        let hc = |spec_extra: &str| lb_record(spec_extra, "[]").health_check_node_port;
+        assert_eq!(hc(", externalTrafficPolicy: Local, healthCheckNodePort: 32000"), Some(32000));
+        assert_eq!(hc(", externalTrafficPolicy: Cluster, healthCheckNodePort: 32000"), None);
+        assert_eq!(hc(", externalTrafficPolicy: Local"), None);
+        // An ignored healthCheckNodePort is not validated either.
+        assert_eq!(hc(", healthCheckNodePort: 80"), None);
+        let node_port = svc(
+            "web",
+            "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, healthCheckNodePort: 80, ports: [{port: 80, nodePort: 30080}]}",
+        );
+        assert_eq!(service_record(&node_port).unwrap().unwrap().health_check_node_port, None);
+    }
+
+    #[test]
+    fn health_check_node_port_outside_the_range_is_rejected_with_field_spec_health_check_node_port() {
+        let with = |port: i32| {
+            service_record(&lb_svc(
+                &format!(", externalTrafficPolicy: Local, healthCheckNodePort: {port}"),
+                "[]",
+            ))
+        };
+        let field = "spec.healthCheckNodePort".to_string();
+        assert_eq!(
+            with(80).unwrap_err(),
+            InvalidField {
+                field: field.clone(),
+                reason: "80 is outside the node port range 30000-32767".into()
+            }
+        );
+        assert_eq!(
+            with(0).unwrap_err(),
+            InvalidField { field: field.clone(), reason: "0 is not a port (1-65535)".into() }
+        );
+        assert_eq!(
+            with(70_000).unwrap_err(),
+            InvalidField { field, reason: "70000 is not a port (1-65535)".into() }
+        );
+        assert_eq!(with(30_000).unwrap().unwrap().health_check_node_port, Some(30_000));
+        assert_eq!(with(32_767).unwrap().unwrap().health_check_node_port, Some(32_767));
+    }
+
+    #[test]
+    fn endpoint_zone_hints_are_the_names_of_its_for_zones_hints() {
+        let obj = slice(&format!(
+            "{SLICE_META}addressType: IPv4
+endpoints:
+- addresses: [10.244.1.1]
+  hints: {{forZones: [{{name: zone-a}}, {{name: zone-b}}]}}
+- addresses: [10.244.1.2]
+  hints: {{forZones: []}}
+- addresses: [10.244.1.3]
+  hints: {{}}
+- addresses: [10.244.1.4]
+"
+        ));
+        let hints: Vec<Vec<String>> =
+            slice_record(&obj).unwrap().unwrap().endpoints.into_iter().map(|e| e.zone_hints).collect();
+        assert_eq!(hints, vec![vec!["zone-a".to_string(), "zone-b".to_string()], vec![], vec![], vec![]]);
+    }
+
+    #[test]
+    fn node_zone_is_its_topology_zone_label_and_deleting_follows_its_deletion_timestamp() {
+        let node = node_record(
+            "kind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a, topology.kubernetes.io/region: eu}, deletionTimestamp: '2024-05-01T10:00:00Z'}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            node,
+            NodeRecord {
+                name: "node-a".into(),
+                internal_ip: None,
+                zone: Some("zone-a".into()),
+                deleting: true
+            }
+        );
+        let plain =
+            node_record("kind: Node\nmetadata: {name: node-a, labels: {kubernetes.io/os: linux}}\n").unwrap();
+        assert_eq!((plain.zone, plain.deleting), (None, false));
+    }
+
+    /// A slice `name` of Service `default/web` with one endpoint at `addr`.
+    fn web_slice(name: &str, addr: &str) -> Object {
+        slice(&format!(
+            "metadata: {{name: {name}, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nendpoints: [{{addresses: [{addr}]}}]\n"
+        ))
+    }
+
+    fn slice_addrs(store: &Store) -> Vec<(String, Ipv4Addr)> {
+        store.slices().flat_map(|s| s.endpoints.iter().map(|e| (s.id.name.clone(), e.addr))).collect()
+    }
+
+    #[test]
+    fn replace_kind_replaces_only_the_objects_of_that_kind() {
+        let mut store = Store::default();
+        let first = [
+            svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}]}"),
+            web_slice("web-1", "10.244.1.1"),
+            web_slice("web-2", "10.244.1.2"),
+            object("kind: Node\nmetadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}\n"),
+        ];
+        assert_eq!(store.replace_all(first.iter().map(|o| (o, "first")), []).len(), 0);
+
+        // A re-list of EndpointSlices: web-1 changed, web-2 gone, web-3 new.
+        let relist = [web_slice("web-1", "10.244.1.11"), web_slice("web-3", "10.244.1.3")];
+        let rejected = store.replace_kind(Kind::EndpointSlice, relist.iter().map(|o| (o, "api")));
+        assert_eq!(rejected.len(), 0);
+        assert_eq!(
+            slice_addrs(&store),
+            vec![("web-1".to_string(), ip("10.244.1.11")), ("web-3".to_string(), ip("10.244.1.3"))]
+        );
+        assert_eq!(cluster_ips(&store), vec![("default/web".to_string(), ip("10.96.0.10"))]);
+        assert_eq!(store.node("node-a").unwrap().zone.as_deref(), Some("zone-a"));
+
+        // An empty listing of Services deletes the Services alone.
+        assert_eq!(store.replace_kind(Kind::Service, std::iter::empty()).len(), 0);
+        assert_eq!(cluster_ips(&store), vec![]);
+        assert_eq!(slice_addrs(&store).len(), 2);
+        assert!(store.node("node-a").is_some());
+    }
+
+    #[test]
+    fn replace_kind_keeps_the_previous_version_of_a_rejected_listed_object_and_names_its_kind() {
+        let mut store = Store::default();
+        let first = [web_slice("web-1", "10.244.1.1"), web_slice("web-2", "10.244.1.2")];
+        assert_eq!(store.replace_kind(Kind::EndpointSlice, first.iter().map(|o| (o, "api"))).len(), 0);
+
+        // web-1 rejected (keeps its version), web-2 unlisted (deleted), web-4 new and rejected.
+        let relist = [web_slice("web-1", "10.244.1.256"), web_slice("web-4", "bad")];
+        let rejected = store.replace_kind(Kind::EndpointSlice, relist.iter().map(|o| (o, "api")));
+        let rejected: Vec<(Kind, String, String)> =
+            rejected.into_iter().map(|r| (r.kind, r.object, r.error.field)).collect();
+        let field = "endpoints[0].addresses[0]".to_string();
+        assert_eq!(
+            rejected,
+            vec![
+                (Kind::EndpointSlice, "EndpointSlice default/web-1".into(), field.clone()),
+                (Kind::EndpointSlice, "EndpointSlice default/web-4".into(), field),
+            ]
+        );
+        assert_eq!(slice_addrs(&store), vec![("web-1".to_string(), ip("10.244.1.1"))]);
+    }
+
+    #[test]
+    fn rejected_carries_the_kind_of_the_object() {
+        let mut store = Store::default();
+        let err = store.apply(&svc("web", "{clusterIP: 10.0.0.300}"), "a").unwrap_err();
+        assert_eq!(err.kind, Kind::Service);
+        let node = object(
+            "kind: Node\nmetadata: {name: node-a}\nstatus: {addresses: [{type: InternalIP, address: x}]}\n",
+        );
+        let err = store.apply(&node, "a").unwrap_err();
+        assert_eq!(err.kind, Kind::Node);
+    }
 }

@@ -79,8 +79,10 @@ impl Shared {
         state.connected = connected;
     }
 
+    /// Every source has listed; false before any registered.
     pub fn all_listed(&self) -> bool {
-        lock(&self.sources).values().all(|s| s.listed)
+        let sources = lock(&self.sources);
+        !sources.is_empty() && sources.values().all(|s| s.listed)
     }
 
     pub fn all_connected(&self) -> bool {
@@ -111,5 +113,101 @@ impl Shared {
 
     pub fn health(&self) -> &Arc<ProxyHealth> {
         &self.health
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{thread, time::Duration};
+
+    use super::*;
+
+    /// Shared state whose health turns unhealthy as soon as an update waits.
+    fn shared() -> Arc<Shared> {
+        Shared::new(Store::default(), Arc::new(ProxyHealth::new(Duration::ZERO)))
+    }
+
+    #[test]
+    fn a_change_is_synced_only_once_every_registered_source_has_listed() {
+        let shared = shared();
+        shared.register("manifests");
+        shared.register("api");
+        shared.update(|_| ());
+        assert!(!shared.all_listed());
+        assert!(!shared.wait_change(Instant::now()));
+        shared.listed("manifests");
+        assert!(!shared.wait_change(Instant::now()));
+        shared.listed("api");
+        assert!(shared.all_listed());
+        assert!(shared.wait_change(Instant::now()));
+    }
+
+    #[test]
+    fn take_change_returns_the_time_of_the_oldest_change_and_clears_it() {
+        let shared = shared();
+        let before = Instant::now();
+        shared.update(|_| ());
+        let after_first = Instant::now();
+        thread::sleep(Duration::from_millis(5));
+        shared.update(|_| ());
+        let oldest = shared.take_change().unwrap();
+        assert!(before <= oldest && oldest <= after_first);
+        assert_eq!(shared.take_change(), None);
+        assert!(!shared.wait_change(Instant::now()));
+    }
+
+    #[test]
+    fn update_returns_what_the_change_returns() {
+        let shared = shared();
+        let node = crate::manifests::parse_str("kind: Node\nmetadata: {name: node-a}\n").unwrap().objects;
+        assert!(shared.update(|store| store.apply(&node[0], "test")).is_ok());
+        assert!(shared.store().node("node-a").is_some());
+    }
+
+    #[test]
+    fn a_source_that_loses_its_connection_is_not_connected_and_turns_health_bad_until_synced() {
+        let shared = shared();
+        shared.listed("api");
+        assert!(shared.all_connected());
+        assert!(shared.health().is_healthy());
+        shared.connected("api", false);
+        assert!(!shared.all_connected());
+        assert!(!shared.health().is_healthy());
+        shared.connected("api", true);
+        assert!(shared.all_connected());
+        shared.health().updated();
+        assert!(shared.health().is_healthy());
+        // Still disconnected: not a new loss.
+        shared.connected("api", false);
+        shared.health().updated();
+        shared.connected("api", false);
+        assert!(shared.health().is_healthy());
+    }
+
+    #[test]
+    fn registering_a_source_counts_as_an_update_waiting_for_a_sync() {
+        let shared = shared();
+        assert!(shared.health().is_healthy());
+        shared.register("api");
+        assert!(!shared.health().is_healthy());
+        assert!(!shared.all_connected());
+    }
+
+    #[test]
+    fn listed_from_another_thread_wakes_a_waiting_sync() {
+        let shared = shared();
+        shared.register("api");
+        shared.update(|_| ());
+        let lister = {
+            let shared = Arc::clone(&shared);
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(20));
+                shared.listed("api");
+            })
+        };
+        let start = Instant::now();
+        assert!(shared.wait_change(start + Duration::from_secs(30)));
+        assert!(start.elapsed() < Duration::from_secs(30));
+        lister.join().unwrap();
     }
 }

@@ -401,8 +401,6 @@ impl Shared {
     }
 }
 
-type Reply = Result<Response, Response>;
-
 async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
     let pairs = Query::<Vec<(String, String)>>::try_from_uri(&uri).map(|q| q.0);
     let query = match &pairs {
@@ -411,46 +409,37 @@ async fn handle(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> 
     };
     let separator = if query.is_empty() { "" } else { "?" };
     lock(&shared.requests).push(format!("{method} {}{separator}{query}", uri.path()));
-    if method != Method::GET {
-        return failure(
+    let reply = if method != Method::GET {
+        Err(Failure::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
             format!("{method} is not supported"),
-        );
-    }
-    let pairs = match pairs {
-        Ok(pairs) => pairs,
-        Err(e) => return failure(StatusCode::BAD_REQUEST, "BadRequest", e),
+        ))
+    } else {
+        pairs.map_err(Failure::bad_request).and_then(|pairs| serve(&shared, uri.path(), pairs))
     };
-    serve(&shared, uri.path(), pairs).unwrap_or_else(|error| error)
+    reply.unwrap_or_else(|failure| respond(failure.code, failure.status().to_string()))
 }
 
-fn serve(shared: &Shared, path: &str, pairs: Vec<(String, String)>) -> Reply {
-    let Some((kind, namespace, name)) = route(path) else {
-        return Err(failure(
-            StatusCode::NOT_FOUND,
-            "NotFound",
-            "the server could not find the requested resource",
-        ));
-    };
+fn serve(shared: &Shared, path: &str, pairs: Vec<(String, String)>) -> Result<Response, Failure> {
+    let not_found = |message: String| Failure::new(StatusCode::NOT_FOUND, "NotFound", message);
+    let (kind, namespace, name) =
+        route(path).ok_or_else(|| not_found("the server could not find the requested resource".into()))?;
     if let Some(name) = name {
         let store = shared.store();
-        return match store.objects.get(&(kind.kind, namespace.unwrap_or_default().into(), name.into())) {
-            Some(obj) => Ok(respond(StatusCode::OK, obj.json.to_string())),
-            None => {
-                Err(failure(StatusCode::NOT_FOUND, "NotFound", format!("{} {name:?} not found", kind.plural)))
-            }
-        };
+        let obj = store.objects.get(&(kind.kind, namespace.unwrap_or_default().into(), name.into()));
+        let obj = obj.ok_or_else(|| not_found(format!("{} {name:?} not found", kind.plural)))?;
+        return Ok(respond(StatusCode::OK, obj.json.to_string()));
     }
     let params = Params::parse(pairs)?;
-    let selector = Selector::parse(kind, namespace, &params.labels, &params.fields)
-        .map_err(|message| failure(StatusCode::BAD_REQUEST, "BadRequest", message))?;
+    let selector =
+        Selector::parse(kind, namespace, &params.labels, &params.fields).map_err(Failure::bad_request)?;
     if params.watch {
         return Ok(watch(shared, kind, selector, &params));
     }
     let store = shared.store();
     if let Some(rv) = params.resource_version.filter(|rv| params.exact && *rv != store.rv) {
-        return Err(expired(rv, store.rv));
+        return Err(Failure::expired(format!("resourceVersion {rv} is not the current {}", store.rv)));
     }
     let items: Vec<&Value> = store
         .objects
@@ -511,10 +500,8 @@ struct Params {
 }
 
 impl Params {
-    fn parse(pairs: Vec<(String, String)>) -> Result<Self, Response> {
-        let bad = |key: &str, value: &str| {
-            failure(StatusCode::BAD_REQUEST, "BadRequest", format!("invalid {key}: {value:?}"))
-        };
+    fn parse(pairs: Vec<(String, String)>) -> Result<Self, Failure> {
+        let bad = |key: &str, value: &str| Failure::bad_request(format!("invalid {key}: {value:?}"));
         let flag = |key: &str, value: &str| match value {
             "true" | "1" => Ok(true),
             "false" | "0" | "" => Ok(false),
@@ -553,12 +540,8 @@ fn watch(shared: &Shared, kind: Kind, selector: Selector, params: &Params) -> Re
     match params.resource_version {
         Some(rv) if !params.initial_events => {
             if rv < store.compacted {
-                let status = status(
-                    StatusCode::GONE,
-                    "Expired",
-                    format!("too old resource version: {rv} ({})", store.compacted),
-                );
-                lines.push(event_line("ERROR", &status));
+                let gone = Failure::expired(format!("too old resource version: {rv} ({})", store.compacted));
+                lines.push(event_line("ERROR", &gone.status()));
                 live = false;
             } else {
                 let since = store.history.iter().filter(|c| c.rv > rv && c.kind == kind.kind);
@@ -746,29 +729,38 @@ fn parse_field(kind: Kind, requirement: &str) -> Result<FieldIs, String> {
     Ok(FieldIs { field, value: value.trim().to_string(), equal })
 }
 
-/// A metav1 Status, as the real server answers errors.
-fn status(code: StatusCode, reason: &str, message: impl Display) -> Value {
-    json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message.to_string(),
-        "reason": reason,
-        "code": code.as_u16(),
-    })
+/// An error answer, sent as a metav1 Status like the real server's.
+struct Failure {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
 }
 
-fn failure(code: StatusCode, reason: &str, message: impl Display) -> Response {
-    respond(code, status(code, reason, message).to_string())
-}
+impl Failure {
+    fn new(code: StatusCode, reason: &'static str, message: impl Display) -> Self {
+        Failure { code, reason, message: message.to_string() }
+    }
 
-fn expired(rv: u64, current: u64) -> Response {
-    failure(
-        StatusCode::GONE,
-        "Expired",
-        format!("resourceVersion {rv} is not the current {current} and history is not kept"),
-    )
+    fn bad_request(message: impl Display) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    /// 410 Gone: the requested resourceVersion is no longer available.
+    fn expired(message: impl Display) -> Self {
+        Self::new(StatusCode::GONE, "Expired", message)
+    }
+
+    fn status(&self) -> Value {
+        json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code.as_u16(),
+        })
+    }
 }
 
 fn respond(code: StatusCode, body: impl Into<Body>) -> Response {

@@ -372,10 +372,7 @@ async fn wire_format_and_bookmarks() {
     ] {
         let response = raw_request(addr, method, path);
         assert!(response.starts_with(&format!("HTTP/1.1 {code} ")), "{method} {path}: {response}");
-        assert!(
-            response.contains(&format!(r#""kind":"Status","#))
-                && response.contains(&format!(r#""code":{code}"#))
-        );
+        assert!(response.contains(r#""kind":"Status","#) && response.contains(&format!(r#""code":{code}"#)));
     }
 }
 

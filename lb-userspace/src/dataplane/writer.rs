@@ -478,4 +478,137 @@ mod tests {
         );
         assert_eq!(source_range(&trie), range);
     }
+
+    fn names(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn assign_ids_gives_new_names_the_lowest_ids_not_in_use_and_none_from_the_limit_on() {
+        let wanted = names(&["a", "b", "c", "d"]);
+        let assigned = assign_ids([], [1, 3], &wanted, 5);
+        assert_eq!(assigned, ids(&[("a", 2), ("b", 4)]));
+        assert_eq!(assign_ids([], [], &wanted, u32::MAX), ids(&[("a", 1), ("b", 2), ("c", 3), ("d", 4)]));
+        assert_eq!(assign_ids([], [], &wanted, 1), ids(&[]));
+    }
+
+    #[test]
+    fn assign_ids_keeps_an_id_only_when_every_use_wants_the_name_and_a_name_only_once() {
+        let (a, b, c) = ("a".to_string(), "b".to_string(), "c".to_string());
+        let uses = [
+            // a is wanted on 4 and 6: it keeps the lower; 6 stays in use.
+            (6, Some(&a)),
+            (4, Some(&a)),
+            (4, Some(&a)),
+            // A user of 8 goes away: b cannot keep it.
+            (8, Some(&b)),
+            (8, None),
+            // 2 is wanted by b and c: neither keeps it.
+            (2, Some(&b)),
+            (2, Some(&c)),
+        ];
+        let wanted = names(&["a", "b", "c"]);
+        assert_eq!(assign_ids(uses, [], &wanted, u32::MAX), ids(&[("a", 4), ("b", 1), ("c", 3)]));
+    }
+
+    #[test]
+    fn assign_ids_lets_a_name_keep_its_id_when_the_limit_leaves_new_names_without_one() {
+        let z = "z".to_string();
+        let wanted = names(&["a", "b", "z"]);
+        // Only ids 1 and 2 exist: z keeps 2, a takes 1, b gets none.
+        assert_eq!(assign_ids([(2, Some(&z))], [], &wanted, 3), ids(&[("a", 1), ("z", 2)]));
+    }
+
+    /// A frontend in the maps counted in slot `stats_index`.
+    fn counted(stats_index: u16) -> ServiceValue {
+        ServiceValue { stats_index, ..value(1, 1) }
+    }
+
+    /// Desired frontends (key, group, Service port).
+    fn desired_ports(frontends: &[(ServiceKey, &str, &str)]) -> DesiredState {
+        let mut state = DesiredState::default();
+        for (key, group, service_port) in frontends {
+            let fe = Frontend {
+                group: group.to_string(),
+                internal_group: group.to_string(),
+                flags: 0,
+                affinity_timeout_s: 0,
+                service_port: service_port.to_string(),
+            };
+            state.frontends.insert(*key, fe);
+            state.groups.insert(group.to_string(), vec![]);
+        }
+        state
+    }
+
+    fn slots(pairs: &[(&str, u16)]) -> BTreeMap<String, u16> {
+        pairs.iter().map(|(name, slot)| (name.to_string(), *slot)).collect()
+    }
+
+    #[test]
+    fn service_ports_get_one_counter_slot_each_from_1() {
+        let want =
+            desired_ports(&[(key(1), "web", "web"), (key(2), "web local", "web"), (key(3), "db", "db")]);
+        assert_eq!(stats_indices(&BTreeMap::new(), &want), slots(&[("db", 1), ("web", 2)]));
+    }
+
+    #[test]
+    fn service_port_keeps_the_counter_slot_its_frontends_in_the_maps_use() {
+        let maps = [(key(1), counted(7)), (key(2), counted(7))].into();
+        // key(3) is new: it joins slot 7; db takes the lowest free slot.
+        let want = desired_ports(&[
+            (key(1), "web", "web"),
+            (key(2), "web local", "web"),
+            (key(3), "web", "web"),
+            (key(4), "db", "db"),
+        ]);
+        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 7)]));
+    }
+
+    #[test]
+    fn counter_slot_is_not_kept_when_one_of_its_frontends_counts_another_service_port_or_goes_away() {
+        // key(2) now counts for db: slot 7 would mix web and db.
+        let maps = [(key(1), counted(7)), (key(2), counted(7))].into();
+        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "db", "db")]);
+        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 2)]));
+        // key(2) goes away while still counting in slot 7: slot 7 is not reused either.
+        let maps = [(key(1), counted(1)), (key(2), counted(1))].into();
+        let want = desired_ports(&[(key(1), "web", "web")]);
+        assert_eq!(stats_indices(&maps, &want), slots(&[("web", 2)]));
+    }
+
+    #[test]
+    fn frontends_in_slot_0_are_uncounted_and_hold_no_slot() {
+        let maps = [(key(1), counted(0)), (key(2), counted(0))].into();
+        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "db", "db")]);
+        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 2)]));
+        // Even when every uncounted frontend wants the same Service port.
+        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "web local", "web")]);
+        assert_eq!(stats_indices(&maps, &want), slots(&[("web", 1)]));
+    }
+
+    #[test]
+    fn service_ports_past_the_last_counter_slot_go_uncounted() {
+        let service_ports: Vec<(ServiceKey, String)> = (0..SERVICE_STATS_MAX)
+            .map(|i| {
+                (ServiceKey::new(Ipv4Addr::from(0x0a00_0000 + i), 80, TCP), format!("ns/svc-{i:05}:/TCP"))
+            })
+            .collect();
+        let mut want = DesiredState::default();
+        for (key, name) in &service_ports {
+            let fe = Frontend {
+                group: name.clone(),
+                internal_group: name.clone(),
+                flags: 0,
+                affinity_timeout_s: 0,
+                service_port: name.clone(),
+            };
+            want.frontends.insert(*key, fe);
+        }
+        let indices = stats_indices(&BTreeMap::new(), &want);
+        // Slots 1-65535: one Service port short.
+        assert_eq!(indices.len(), usize::from(u16::MAX));
+        assert_eq!(indices.values().copied().collect::<BTreeSet<u16>>(), (1..=u16::MAX).collect());
+        assert_eq!(indices.get(&service_ports.last().unwrap().1), None);
+    }
 }
