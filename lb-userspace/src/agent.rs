@@ -206,9 +206,9 @@ fn read_dataplane(
         let services = dataplane::stats::pinned_service_stats(&dir)
             .and_then(|stats| dataplane::stats::service_traffic(&stats, &counted))
             .unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "reading Service counters");
-            Vec::new()
-        });
+                tracing::warn!(error = %e, "reading Service counters");
+                Vec::new()
+            });
         let maps = dataplane::stats::table_fill(&dir).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "reading table fill");
             Vec::new()

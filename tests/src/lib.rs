@@ -1,11 +1,11 @@
 //! Test support for xlb: a small Kubernetes-like cluster made of network namespaces
 //! (`testbed`), code that runs inside a namespace (`netns`), the kiada client (`kiada`),
 //! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the kiada scenario shared by
-//! the demo and the tests (`scenario`) and requests from any of the cluster's namespaces
-//! (`traffic`).
+//! the demo and the tests (`scenario`), requests from any of the cluster's namespaces
+//! (`traffic`) and a small Kubernetes API server for the agent to follow (`apiserver`).
 //!
-//! Everything here needs root; all addresses come from 198.18.0.0/15 and nothing is created
-//! in the root network namespace.
+//! Everything but `apiserver` needs root; all addresses come from 198.18.0.0/15 and nothing
+//! is created in the root network namespace.
 pub mod apiserver;
 pub mod frame;
 pub mod kiada;

@@ -179,11 +179,8 @@ fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> anyhow::R
     loop {
         match check() {
             Ok(()) => return start.elapsed(),
+            Err(e) if start.elapsed() > within => panic!("{what}: not within {within:?}: {e:#}"),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => {
-                eprintln!("{:?} {e}", start.elapsed());
-                std::thread::sleep(Duration::from_millis(20))
-            }
         }
     }
 }

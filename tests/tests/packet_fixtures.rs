@@ -615,8 +615,11 @@ fn service_counters_add_every_packet_of_both_directions() {
         h.run(*hook, input);
     }
     let traffic = h.writer.traffic().expect("counters");
-    let counted: Vec<(&str, u64, u64)> =
-        traffic.iter().filter(|t| t.packets > 0).map(|t| (t.service_port.as_str(), t.packets, t.bytes)).collect();
+    let counted: Vec<(&str, u64, u64)> = traffic
+        .iter()
+        .filter(|t| t.packets > 0)
+        .map(|t| (t.service_port.as_str(), t.packets, t.bytes))
+        .collect();
     // The VLAN-tagged frame is not ours; bytes are the IP packets' (frame minus Ethernet).
     let ip_bytes: u64 = packets[..3].iter().map(|(_, f)| f.len() as u64 - 14).sum();
     assert_eq!(counted, [("default/local:http/TCP", 3, ip_bytes)]);
