@@ -346,6 +346,20 @@ fn services_follow_the_api_through_create_update_and_delete() {
     }
 }
 
+const ALL_WEB: [&str; 3] = ["web-0", "web-1", "web-2"];
+
+/// The cluster with the ClusterIP Service `web` on every web pod, answering from cpod:
+/// (cluster, cpod's namespace, the ClusterIP frontend).
+fn with_web() -> (Cluster, String, SocketAddrV4) {
+    let c = Cluster::up();
+    let cpod = c.ns("cpod");
+    c.api.apply(web(json!({})));
+    c.api.apply(c.ready("web", &ALL_WEB));
+    let vip = SocketAddrV4::new(WEB_IP, 80);
+    eventually("ClusterIP", FOLLOW, || expect_pods(&c, &cpod, vip, &ALL_WEB));
+    (c, cpod, vip)
+}
+
 /// Requests the server logged that list (rather than watch) `resource`.
 fn lists(api: &ApiServer, resource: &str) -> usize {
     api.requests()
@@ -356,13 +370,8 @@ fn lists(api: &ApiServer, resource: &str) -> usize {
 
 #[test]
 fn dropped_and_expired_watches_recover_without_a_flush() {
-    let mut c = Cluster::up();
-    let cpod = c.ns("cpod");
-    let all = ["web-0", "web-1", "web-2"];
-    c.api.apply(web(json!({})));
-    c.api.apply(c.ready("web", &all));
-    let vip = SocketAddrV4::new(WEB_IP, 80);
-    eventually("ClusterIP", FOLLOW, || expect_pods(&c, &cpod, vip, &all));
+    let (mut c, cpod, vip) = with_web();
+    let all = ALL_WEB;
 
     // Watch the frontend in the maps the whole time: a flush would remove it, if briefly.
     let key = ServiceKey::new(WEB_IP, 80, proto::TCP);
@@ -407,13 +416,8 @@ fn dropped_and_expired_watches_recover_without_a_flush() {
 
 #[test]
 fn drift_is_repaired_and_a_down_api_server_keeps_the_pinned_state_serving() {
-    let mut c = Cluster::up();
-    let cpod = c.ns("cpod");
-    let all = ["web-0", "web-1", "web-2"];
-    c.api.apply(web(json!({})));
-    c.api.apply(c.ready("web", &all));
-    let vip = SocketAddrV4::new(WEB_IP, 80);
-    eventually("ClusterIP", FOLLOW, || expect_pods(&c, &cpod, vip, &all));
+    let (mut c, cpod, vip) = with_web();
+    let all = ALL_WEB;
     let healthz = |c: &Cluster| http_get(c, &c.tb.client, c.node_addr(0, 10256), "/healthz");
     assert_eq!(healthz(&c).expect("/healthz").status, 200);
 
