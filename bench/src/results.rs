@@ -157,16 +157,39 @@ pub struct Report {
 
 impl Report {
     /// The figure of `metric` for `mode` at `services` on `path` and `target`, if measured.
-    pub fn figure(&self, metric: Metric, mode: Mode, services: usize, path: &str, target: &str) -> Option<&Figure> {
+    pub fn figure(
+        &self,
+        metric: Metric,
+        mode: Mode,
+        services: usize,
+        path: &str,
+        target: &str,
+    ) -> Option<&Figure> {
         self.figures.iter().find(|f| {
-            f.metric == metric && f.mode == mode && f.services == services && f.path == path && f.target == target
+            f.metric == metric
+                && f.mode == mode
+                && f.services == services
+                && f.path == path
+                && f.target == target
         })
     }
 
     /// Adds `sample` to its figure, creating the figure on first use.
-    pub fn add(&mut self, metric: Metric, mode: Mode, services: usize, path: &str, target: &str, sample: f64) {
+    pub fn add(
+        &mut self,
+        metric: Metric,
+        mode: Mode,
+        services: usize,
+        path: &str,
+        target: &str,
+        sample: f64,
+    ) {
         match self.figures.iter_mut().find(|f| {
-            f.metric == metric && f.mode == mode && f.services == services && f.path == path && f.target == target
+            f.metric == metric
+                && f.mode == mode
+                && f.services == services
+                && f.path == path
+                && f.target == target
         }) {
             Some(figure) => figure.samples.push(sample),
             None => self.figures.push(Figure {
@@ -200,6 +223,9 @@ mod tests {
         r.add(Metric::ConnRate, Mode::Xlb, 100, "clusterip-pod", "last", 2.0);
         r.add(Metric::ConnRate, Mode::Floor, 100, "clusterip-pod", "last", 3.0);
         assert_eq!(r.figures.len(), 2);
-        assert_eq!(r.figure(Metric::ConnRate, Mode::Xlb, 100, "clusterip-pod", "last").unwrap().samples, [1.0, 2.0]);
+        assert_eq!(
+            r.figure(Metric::ConnRate, Mode::Xlb, 100, "clusterip-pod", "last").unwrap().samples,
+            [1.0, 2.0]
+        );
     }
 }

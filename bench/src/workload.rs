@@ -35,8 +35,10 @@ pub fn service(i: usize, backends: &[Ipv4Addr]) -> (Service, EndpointSlice) {
                        "targetPort": BACKEND_PORT, "nodePort": node_port(i)}],
         },
     });
-    let endpoints: Vec<_> =
-        backends.iter().map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}})).collect();
+    let endpoints: Vec<_> = backends
+        .iter()
+        .map(|ip| json!({"addresses": [ip.to_string()], "conditions": {"ready": true}}))
+        .collect();
     let slice = json!({
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -72,7 +74,9 @@ pub fn node_port(i: usize) -> u16 {
 pub fn store(services: &[(Service, EndpointSlice)]) -> Store {
     let mut store = Store::new(NODE_PORT_RANGE);
     for (service, slice) in services {
-        for object in [Object::Service(Box::new(service.clone())), Object::EndpointSlice(Box::new(slice.clone()))] {
+        for object in
+            [Object::Service(Box::new(service.clone())), Object::EndpointSlice(Box::new(slice.clone()))]
+        {
             store.apply(&object, "bench").expect("benchmark objects are valid");
         }
     }
@@ -111,7 +115,8 @@ pub fn service_ports(store: &Store) -> Vec<ServicePortRules> {
                 .slices()
                 .filter(|slice| slice.service == svc.id)
                 .flat_map(|slice| {
-                    let target = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol);
+                    let target =
+                        slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol);
                     slice
                         .endpoints
                         .iter()
@@ -141,7 +146,8 @@ mod tests {
 
     #[test]
     fn services_become_ports_with_their_endpoints_in_name_order() {
-        let backends = [Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 10), Ipv4Addr::new(198, 18, 2, 10)];
+        let backends =
+            [Ipv4Addr::new(198, 18, 1, 11), Ipv4Addr::new(198, 18, 1, 10), Ipv4Addr::new(198, 18, 2, 10)];
         let objects: Vec<_> = (0..3).rev().map(|i| service(i, &backends)).collect();
         let ports = service_ports(&store(&objects));
         assert_eq!(ports.len(), 3);

@@ -66,6 +66,17 @@ impl Stored for EndpointSlice {}
 
 impl Stored for Node {}
 
+/// A Node named `name` with InternalIP `ip`: what an agent needs of its own Node.
+pub fn node_object(name: &str, ip: Ipv4Addr) -> Node {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": name},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]},
+    }))
+    .expect("a valid Node")
+}
+
 /// The API server: a store of objects, its change history and the watches on it, served
 /// by any number of listeners. Clones share everything; dropping the last one stops it all.
 #[derive(Clone)]

@@ -44,18 +44,26 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// Runs `f` on a thread that has entered `ns`: sockets it opens live in that namespace.
 pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    match spawn(ns, f)?.join() {
+        Ok(result) => Ok(result.with_context(|| format!("entering {ns}"))?),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Starts `f` on a thread that enters `ns` first (threads it starts inherit the namespace);
+/// `Err` from the handle when entering failed.
+pub fn spawn<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<std::io::Result<T>>> {
     let file = File::open(path(ns)).with_context(|| format!("opening {}", path(ns)))?;
-    let handle = std::thread::spawn(move || {
+    Ok(std::thread::spawn(move || {
         // SAFETY: setns on a valid namespace fd affects only this thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
         Ok(f())
-    });
-    match handle.join() {
-        Ok(result) => Ok(result.with_context(|| format!("entering {ns}"))?),
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
+    }))
 }
 
 /// Names of every network namespace.

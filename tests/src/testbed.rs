@@ -182,8 +182,11 @@ impl Testbed {
         for (pod_name, node) in &spec.pods {
             tb.add_pod(pod_name, *node)?;
         }
-        for pod in tb.pods.clone() {
-            tb.start_server(&pod, spec)?;
+        // A spec without ports runs its own servers (the benchmark).
+        if !spec.tcp_ports.is_empty() || !spec.udp_ports.is_empty() {
+            for pod in tb.pods.clone() {
+                tb.start_server(&pod, spec)?;
+            }
         }
         Ok(tb)
     }
@@ -402,6 +405,11 @@ impl Testbed {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Process id of node `i`'s running agent.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents.get(i)?.as_ref().map(Child::id)
     }
 
     /// Fails if node `i`'s agent has exited.

@@ -15,14 +15,11 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_common::{proto, service::ServiceKey};
 use serde_json::{json, Value};
 use xlb_tests::{
-    apiserver::ApiServer,
+    apiserver::{self, ApiServer},
     kiada::{self, Reply},
     netns,
     testbed::{services_map, Spec, Testbed},
@@ -62,7 +59,7 @@ impl Cluster {
         let api = ApiServer::new();
         for node in &tb.nodes {
             api.listen(Some(&node.ns), API_PORT).expect("API server in the node namespace");
-            api.apply(node_object(&node.name, node.ip));
+            api.apply(apiserver::node_object(&node.name, node.ip));
         }
         netns::ip(&["-n", &tb.client, "route", "add", "198.19.0.0/16", "via", &tb.nodes[0].ip.to_string()])
             .expect("client route");
@@ -144,15 +141,6 @@ impl Cluster {
 
 fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
     serde_json::from_value(value).expect("a valid object")
-}
-
-fn node_object(name: &str, ip: Ipv4Addr) -> Node {
-    from_json(json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": name},
-        "status": {"addresses": [{"type": "InternalIP", "address": ip.to_string()}]},
-    }))
 }
 
 fn service(name: &str, spec: Value) -> Service {

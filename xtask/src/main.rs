@@ -38,6 +38,13 @@ enum Cmd {
     /// Run every test: unit, eBPF packet fixtures, namespace integration tests; then the
     /// integration tests again on realistic nodes (`XLB_REALISTIC_NODE=1`).
     Test,
+    /// Benchmark xlb against kube-proxy's iptables and nftables modes and the routing floor;
+    /// writes target/bench/report.md, report.json and PNG plots.
+    Bench {
+        /// The short smoke run (CI, under 3 minutes) instead of the full one.
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -87,6 +94,17 @@ fn main() -> anyhow::Result<()> {
                 .args(["test", "--release", "--locked", "-p", "xlb-tests", "--tests"])
                 .env("XLB_REALISTIC_NODE", "1"))
         }
+        Cmd::Bench { quick } => {
+            setup::ensure()?;
+            build(&root)?;
+            step(if quick { "benchmark, quick smoke run" } else { "benchmark, full run (under 30 minutes)" });
+            let mut cmd = Command::new(root.join("target/release/xlb-bench"));
+            cmd.current_dir(&root).args(["--out", "target/bench"]);
+            if quick {
+                cmd.arg("--quick");
+            }
+            run(&mut cmd)
+        }
     }
 }
 
@@ -112,8 +130,11 @@ fn cargo(root: &Path, args: &[&str]) -> anyhow::Result<()> {
 }
 
 fn build(root: &Path) -> anyhow::Result<()> {
-    step("building xlb (with the eBPF programs), kiada and xlb-testbed (release)");
-    cargo(root, &["build", "--release", "--locked", "-p", "lb-userspace", "-p", "xlb-tests"])
+    step("building xlb (with the eBPF programs), kiada, xlb-testbed and xlb-bench (release)");
+    cargo(
+        root,
+        &["build", "--release", "--locked", "-p", "lb-userspace", "-p", "xlb-tests", "-p", "xlb-bench"],
+    )
 }
 
 fn testbed(root: &Path, args: &[&str]) -> anyhow::Result<()> {

@@ -8,7 +8,9 @@ use crate::{run, step};
 /// Pinned: 0.11+ needs a system LLVM 21-23 this machine does not have.
 const BPF_LINKER_VERSION: &str = "0.10.4";
 /// Debian packages the testbed, the demo and the tests use.
-const PACKAGES: [&str; 6] = ["iproute2", "bpftool", "iptables", "nftables", "ethtool", "curl"];
+/// (conntrack and the DejaVu font: the benchmark's conntrack flush and its plots.)
+const PACKAGES: [&str; 8] =
+    ["iproute2", "bpftool", "iptables", "nftables", "ethtool", "curl", "conntrack", "fonts-dejavu-core"];
 
 pub fn ensure() -> anyhow::Result<()> {
     require_root()?;
