@@ -98,10 +98,13 @@ pub struct ServicePortRules {
 }
 
 impl ServicePortRules {
-    /// kube-proxy's ServicePortName string, `namespace/name:port`, the input of its chain
-    /// name hashes.
+    /// kube-proxy's ServicePortName string, `namespace/name:port` (`namespace/name` for an
+    /// unnamed port), the input of its chain name hashes.
     pub fn service_port_name(&self) -> String {
-        format!("{}/{}:{}", self.service.namespace, self.service.name, self.port_name)
+        match self.port_name.as_str() {
+            "" => self.service.to_string(),
+            port => format!("{}:{port}", self.service),
+        }
     }
 }
 
@@ -155,6 +158,8 @@ mod tests {
         assert_eq!(ports[2].cluster_ip, Ipv4Addr::new(198, 19, 0, 3));
         assert_eq!(ports[2].node_port, Some(20_002));
         assert_eq!(ports[0].service_port_name(), "bench/svc-00000:http");
+        let unnamed = ServicePortRules { port_name: String::new(), ..ports[0].clone() };
+        assert_eq!(unnamed.service_port_name(), "bench/svc-00000");
         assert_eq!(
             ports[0].endpoints,
             vec![
