@@ -42,6 +42,8 @@ const BACKENDS_PER_NODE: usize = 3;
 const SERVER_WORKERS: usize = 2;
 const CLIENT_POD: &str = "cpod";
 const API_PORT: u16 = 6443;
+/// Where `verify_all` stops counting.
+pub const VERIFY_MAX_FAILURES: usize = 10;
 /// How long programming may take before the benchmark gives up on a mode.
 const PROGRAM_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -211,8 +213,9 @@ impl BenchCluster {
         Ok(answered.saturating_duration_since(began))
     }
 
-    /// Probes Service `i` once through `path` for every Service; returns how many did not
-    /// answer from one of their endpoints.
+    /// Probes every Service once through `path`; returns how many did not answer from one
+    /// of their endpoints, counting up to `VERIFY_MAX_FAILURES` (a broken mode must not keep
+    /// the run waiting on thousands of timeouts).
     pub fn verify_all(&self, path: Path) -> anyhow::Result<usize> {
         let ns = self.client_ns(path).to_string();
         let checks: Vec<(Vec<SocketAddrV4>, BTreeSet<String>)> = (0..self.services.len())
@@ -225,6 +228,7 @@ impl BenchCluster {
                     !load::request(None, targets[0], Duration::from_secs(1))
                         .is_ok_and(|name| names.contains(&name))
                 })
+                .take(VERIFY_MAX_FAILURES)
                 .count()
         })
         .map_err(Into::into)

@@ -6,7 +6,7 @@ use std::{
 };
 
 use crate::{
-    cluster::{BenchCluster, Path},
+    cluster::{BenchCluster, Path, VERIFY_MAX_FAILURES},
     load::{self, Rng},
     micro,
     results::{Machine, Metric, Mode, Report, Settings},
@@ -158,8 +158,9 @@ fn measure_mode(
         for path in Path::ALL {
             let failed = cluster.verify_all(path)?;
             if failed > 0 {
+                let at_least = if failed == VERIFY_MAX_FAILURES { "at least " } else { "" };
                 report.notes.push(format!(
-                    "{}: {failed} of {n} Services did not answer through {} after programming",
+                    "{}: {at_least}{failed} of {n} Services did not answer through {} after programming",
                     mode.as_str(),
                     path.as_str()
                 ));
