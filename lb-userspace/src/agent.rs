@@ -1,7 +1,8 @@
 //! The agent: sources (a manifest directory or the Kubernetes API) feed one store; one sync
-//! loop turns it into the node's desired state and writes the difference to the maps, at
-//! most every `min_sync_period`, and fully (re-reading the maps, so drift is repaired) every
-//! `sync_period`. The health, healthCheckNodePort and metrics servers run beside it.
+//! loop brings the node's desired state up to date with the Services that changed and writes
+//! the difference to the maps, at most every `min_sync_period`, and fully (recomputing
+//! everything and re-reading the maps, so drift is repaired) every `sync_period`. The
+//! health, healthCheckNodePort and metrics servers run beside it.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
@@ -14,7 +15,7 @@ use std::{
 use anyhow::Context as _;
 use lb_userspace::{
     dataplane::{self, Dataplane, Hook, MapSizes, MapWriter},
-    desired::{self, NodeContext},
+    desired::{self, GroupName, NodeContext},
     health::{self, ProxyHealth, ServiceHealthServers},
     kubernetes,
     manifests::ManifestDir,
@@ -72,7 +73,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 
     let health = Arc::new(ProxyHealth::new(config.sync_period));
     let shared = Shared::new(Store::new(config.node_port_range.clone()), health.clone());
-    let counted = Arc::new(Mutex::new(BTreeMap::new()));
+    let counted = Counted::default();
     let metrics = Arc::new(Metrics::new(read_dataplane(config.bpffs_dir.clone(), counted.clone())));
     let _servers = runtime.enter();
     if let Some(addr) = config.healthz_bind_address {
@@ -109,6 +110,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         config: &config,
         dataplane,
         writer,
+        desired: desired::Incremental::default(),
         shared,
         metrics,
         counted,
@@ -196,13 +198,13 @@ fn follow_manifests(
     Ok(())
 }
 
+/// The Service port each counter slot counts, as the writer last synced it.
+type Counted = Arc<Mutex<Arc<BTreeMap<u16, GroupName>>>>;
+
 /// Reads the counters and table fill for a scrape.
-fn read_dataplane(
-    dir: PathBuf,
-    counted: Arc<Mutex<BTreeMap<u16, String>>>,
-) -> Box<dyn Fn() -> DataplaneStats + Send + Sync> {
+fn read_dataplane(dir: PathBuf, counted: Counted) -> Box<dyn Fn() -> DataplaneStats + Send + Sync> {
     Box::new(move || {
-        let counted = counted.lock().map(|c| c.clone()).unwrap_or_default();
+        let counted = counted.lock().map(|c| Arc::clone(&c)).unwrap_or_default();
         let services = dataplane::stats::pinned_service_stats(&dir)
             .and_then(|stats| dataplane::stats::service_traffic(&stats, &counted))
             .unwrap_or_else(|e| {
@@ -233,9 +235,10 @@ struct SyncLoop<'a> {
     config: &'a Config,
     dataplane: Dataplane,
     writer: MapWriter,
+    desired: desired::Incremental,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
-    counted: Arc<Mutex<BTreeMap<u16, String>>>,
+    counted: Counted,
     health_servers: ServiceHealthServers,
     pods: BTreeSet<String>,
 }
@@ -262,6 +265,9 @@ impl SyncLoop<'_> {
                 if let Err(e) = self.writer.reread() {
                     tracing::error!(error = %e, "re-reading the maps");
                 }
+                // Between full syncs only what changed is recomputed and written; a full
+                // sync starts both sides afresh.
+                self.desired = desired::Incremental::default();
             }
             let changed_at = self.shared.take_change();
             self.sync(full);
@@ -291,21 +297,23 @@ impl SyncLoop<'_> {
             .map(|(_, a)| *a);
         let node = NodeContext { name: &self.config.node_name, addrs: &node_addrs, default_snat_addr };
         let connected = self.shared.all_connected();
-        let (desired, deleting) = {
-            let store = self.shared.store();
-            (desired::compute(&store, &node), store.node(node.name).is_some_and(|n| n.deleting))
+        let deleting = {
+            let mut store = self.shared.store();
+            self.desired.update(&mut store, &node);
+            store.node(node.name).is_some_and(|n| n.deleting)
         };
+        let desired = self.desired.state();
         for conflict in &desired.conflicts {
             tracing::warn!("skipped: {conflict}");
             self.metrics.count_skipped_object(Kind::Service.as_str(), "conflict");
         }
-        let report = self.writer.sync(&desired);
+        let report = self.writer.sync_changes(&self.desired);
         for failure in &report.failures {
             tracing::error!("map write failed: {failure}");
         }
         self.metrics.count_map_write_failures(report.failures.len() as u64);
         if let Ok(mut counted) = self.counted.lock() {
-            counted.clone_from(self.writer.counted());
+            *counted = Arc::clone(self.writer.counted());
         }
         let health = self.shared.health();
         health.set_node_eligible(!deleting);

@@ -5,9 +5,11 @@
 //! - `manifests`: the directory source (multi-document YAML, `kind: List`).
 //! - `kubernetes`: the API source (watches of Services, EndpointSlices and the Node).
 //! - `sources`: the store the sources share with the sync loop, and their state.
-//! - `desired`: pure functions from the store to the frontends and backend groups of a node.
+//! - `desired`: the frontends and backend groups of a node, from the store: computed per
+//!   Service and kept up to date by recomputing only the Services that changed.
 //! - `dataplane`: loading, attaching and pinning the programs (`loader`), and the one map
-//!   writer that diffs desired state against the maps (`writer`), counters read back (`stats`).
+//!   writer that diffs desired state, or only what changed in it, against the maps
+//!   (`writer`, with its `ids`), counters read back (`stats`).
 //! - `netif`: the node's interfaces and addresses, read in the agent's network namespace.
 //! - `health`: kube-proxy's health answers: `/healthz` and `/livez`, and one
 //!   healthCheckNodePort server per Service with externalTrafficPolicy Local.

@@ -1,7 +1,7 @@
 //! Validated records of the objects xlb acts on, and the `Store` that holds the last good
 //! version of each. Validation happens once, here, for every source.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
     ops::RangeInclusive,
@@ -491,14 +491,23 @@ impl ObjectKey {
     }
 }
 
-/// What a valid object contributes. `Skipped` objects (headless, other proxies...) are
-/// still remembered so a later delete or replace knows them.
+/// A valid object: its key and what it contributes. `None`: an object xlb skips (headless,
+/// another proxy's...), still remembered so a later delete or replace knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Record {
-    Service(ServiceRecord),
-    EndpointSlice(SliceRecord),
+    Service(NamespacedName, Option<ServiceRecord>),
+    EndpointSlice(NamespacedName, Option<SliceRecord>),
     Node(NodeRecord),
-    Skipped,
+}
+
+impl Record {
+    fn key(&self) -> ObjectKey {
+        match self {
+            Self::Service(id, _) => ObjectKey::Service(id.clone()),
+            Self::EndpointSlice(id, _) => ObjectKey::EndpointSlice(id.clone()),
+            Self::Node(node) => ObjectKey::Node(node.name.clone()),
+        }
+    }
 }
 
 /// An object that failed validation, with enough to find it.
@@ -511,30 +520,33 @@ pub struct Rejected {
     pub error: InvalidField,
 }
 
-fn validate(object: &Object, node_ports: &RangeInclusive<u16>) -> Result<(ObjectKey, Record), InvalidField> {
+fn validate(object: &Object, node_ports: &RangeInclusive<u16>) -> Result<Record, InvalidField> {
     Ok(match object {
         Object::Service(svc) => {
-            let key = ObjectKey::Service(namespaced(&svc.metadata)?);
-            (key, ServiceRecord::from_object(svc, node_ports)?.map_or(Record::Skipped, Record::Service))
+            Record::Service(namespaced(&svc.metadata)?, ServiceRecord::from_object(svc, node_ports)?)
         }
         Object::EndpointSlice(slice) => {
-            let key = ObjectKey::EndpointSlice(namespaced(&slice.metadata)?);
-            (key, SliceRecord::from_object(slice)?.map_or(Record::Skipped, Record::EndpointSlice))
+            Record::EndpointSlice(namespaced(&slice.metadata)?, SliceRecord::from_object(slice)?)
         }
-        Object::Node(node) => {
-            let record = NodeRecord::from_object(node)?;
-            (ObjectKey::Node(record.name.clone()), Record::Node(record))
-        }
+        Object::Node(node) => Record::Node(NodeRecord::from_object(node)?),
     })
 }
 
 /// The last good version of every object, fed by any source.
 ///
 /// An invalid object is rejected and its previous good version, if any, stays: a bad edit
-/// never takes a working Service down.
+/// never takes a working Service down. The store notes which Services changed (their
+/// Service or one of their slices), so the desired state can be recomputed for those only.
 #[derive(Debug)]
 pub struct Store {
-    records: BTreeMap<ObjectKey, Record>,
+    services: BTreeMap<NamespacedName, Option<ServiceRecord>>,
+    /// The Service of every slice (`None`: a skipped slice).
+    slice_services: BTreeMap<NamespacedName, Option<NamespacedName>>,
+    /// The slices of each Service by name, so that one Service can be computed alone.
+    slices: HashMap<NamespacedName, BTreeMap<NamespacedName, SliceRecord>>,
+    nodes: BTreeMap<String, NodeRecord>,
+    /// Services whose Service or slices changed since `take_changed_services`.
+    changed_services: BTreeSet<NamespacedName>,
     node_ports: RangeInclusive<u16>,
 }
 
@@ -547,23 +559,31 @@ impl Default for Store {
 impl Store {
     /// An empty store validating nodePorts against `node_ports`.
     pub fn new(node_ports: RangeInclusive<u16>) -> Self {
-        Self { records: BTreeMap::new(), node_ports }
+        Self {
+            services: BTreeMap::new(),
+            slice_services: BTreeMap::new(),
+            slices: HashMap::new(),
+            nodes: BTreeMap::new(),
+            changed_services: BTreeSet::new(),
+            node_ports,
+        }
     }
 
     /// Adds or updates one object. `origin` says where it came from (a file, the API).
     pub fn apply(&mut self, object: &Object, origin: &str) -> Result<(), Rejected> {
-        let (key, record) = validate(object, &self.node_ports).map_err(|error| Rejected {
-            kind: object.kind(),
-            origin: origin.to_string(),
-            object: object.describe(),
-            error,
-        })?;
-        self.records.insert(key, record);
+        let record = self.validate(object, origin)?;
+        self.insert(record);
         Ok(())
     }
 
     pub fn delete(&mut self, key: &ObjectKey) {
-        self.records.remove(key);
+        match key {
+            ObjectKey::Service(id) => self.set_service(id.clone(), None),
+            ObjectKey::EndpointSlice(id) => self.set_slice(id.clone(), None),
+            ObjectKey::Node(name) => {
+                self.nodes.remove(name);
+            }
+        }
     }
 
     /// Makes the store hold exactly `objects`, a full listing: objects not listed are
@@ -594,44 +614,130 @@ impl Store {
         objects: impl IntoIterator<Item = (&'a Object, &'a str)>,
         unreadable: impl IntoIterator<Item = ObjectKey>,
     ) -> Vec<Rejected> {
-        let (mut previous, kept): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            std::mem::take(&mut self.records).into_iter().partition(|(k, _)| replaced(k));
-        self.records = kept;
-        let mut keep: Vec<ObjectKey> = unreadable.into_iter().collect();
+        let mut keep: BTreeSet<ObjectKey> = unreadable.into_iter().collect();
+        let mut listed = Vec::new();
         let mut rejected = Vec::new();
         for (object, origin) in objects {
-            if let Err(e) = self.apply(object, origin) {
-                keep.extend(object_key(object));
-                rejected.push(e);
+            match self.validate(object, origin) {
+                Ok(record) => listed.push(record),
+                Err(e) => {
+                    keep.extend(object_key(object));
+                    rejected.push(e);
+                }
             }
         }
-        for key in keep {
-            if let (false, Some(record)) = (self.records.contains_key(&key), previous.remove(&key)) {
-                self.records.insert(key, record);
-            }
+        keep.extend(listed.iter().map(Record::key));
+        let gone: Vec<ObjectKey> = self.keys().filter(|k| replaced(k) && !keep.contains(k)).collect();
+        for key in &gone {
+            self.delete(key);
+        }
+        // Unchanged objects are inserted again as they are: no Service counts as changed.
+        for record in listed {
+            self.insert(record);
         }
         rejected
     }
 
-    pub fn services(&self) -> impl Iterator<Item = &ServiceRecord> {
-        self.records.values().filter_map(|r| match r {
-            Record::Service(s) => Some(s),
-            _ => None,
+    fn validate(&self, object: &Object, origin: &str) -> Result<Record, Rejected> {
+        validate(object, &self.node_ports).map_err(|error| Rejected {
+            kind: object.kind(),
+            origin: origin.to_string(),
+            object: object.describe(),
+            error,
         })
+    }
+
+    fn keys(&self) -> impl Iterator<Item = ObjectKey> + '_ {
+        let services = self.services.keys().map(|id| ObjectKey::Service(id.clone()));
+        let slices = self.slice_services.keys().map(|id| ObjectKey::EndpointSlice(id.clone()));
+        services.chain(slices).chain(self.nodes.keys().map(|name| ObjectKey::Node(name.clone())))
+    }
+
+    fn insert(&mut self, record: Record) {
+        match record {
+            Record::Service(id, svc) => self.set_service(id, Some(svc)),
+            Record::EndpointSlice(id, slice) => self.set_slice(id, Some(slice)),
+            Record::Node(node) => {
+                self.nodes.insert(node.name.clone(), node);
+            }
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) the record of Service `id`.
+    fn set_service(&mut self, id: NamespacedName, record: Option<Option<ServiceRecord>>) {
+        let old = match record {
+            Some(record) => self.services.insert(id.clone(), record),
+            None => self.services.remove(&id),
+        };
+        if old.flatten().as_ref() != self.service(&id) {
+            self.changed_services.insert(id);
+        }
+    }
+
+    /// Sets (`Some`) or removes (`None`) the record of slice `id`: its Service, and the one
+    /// it belonged to before, change.
+    fn set_slice(&mut self, id: NamespacedName, record: Option<Option<SliceRecord>>) {
+        let service = record.as_ref().map(|r| r.as_ref().map(|slice| slice.service.clone()));
+        let old_service = match service {
+            Some(service) => self.slice_services.insert(id.clone(), service),
+            None => self.slice_services.remove(&id),
+        }
+        .flatten();
+        let new = record.flatten();
+        let old = old_service.as_ref().and_then(|service| self.slices.get(service)?.get(&id));
+        if old == new.as_ref() {
+            return;
+        }
+        if let Some(service) = old_service {
+            if let Some(slices) = self.slices.get_mut(&service) {
+                slices.remove(&id);
+                if slices.is_empty() {
+                    self.slices.remove(&service);
+                }
+            }
+            self.changed_services.insert(service);
+        }
+        if let Some(new) = new {
+            if !self.changed_services.contains(&new.service) {
+                self.changed_services.insert(new.service.clone());
+            }
+            match self.slices.get_mut(&new.service) {
+                Some(slices) => {
+                    slices.insert(id, new);
+                }
+                None => {
+                    self.slices.insert(new.service.clone(), BTreeMap::from([(id, new)]));
+                }
+            }
+        }
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceRecord> {
+        self.services.values().flatten()
+    }
+
+    pub fn service(&self, id: &NamespacedName) -> Option<&ServiceRecord> {
+        self.services.get(id).and_then(Option::as_ref)
     }
 
     pub fn slices(&self) -> impl Iterator<Item = &SliceRecord> {
-        self.records.values().filter_map(|r| match r {
-            Record::EndpointSlice(s) => Some(s),
-            _ => None,
-        })
+        let services = self.slice_services.iter().filter_map(|(id, service)| Some((id, service.as_ref()?)));
+        services.filter_map(|(id, service)| self.slices.get(service)?.get(id))
+    }
+
+    /// The slices of Service `id`, in slice name order.
+    pub fn service_slices(&self, id: &NamespacedName) -> impl Iterator<Item = &SliceRecord> {
+        self.slices.get(id).into_iter().flat_map(BTreeMap::values)
     }
 
     pub fn node(&self, name: &str) -> Option<&NodeRecord> {
-        match self.records.get(&ObjectKey::Node(name.to_string())) {
-            Some(Record::Node(n)) => Some(n),
-            _ => None,
-        }
+        self.nodes.get(name)
+    }
+
+    /// The Services whose Service object or slices changed since the last call: the ones
+    /// whose part of the desired state must be recomputed.
+    pub fn take_changed_services(&mut self) -> BTreeSet<NamespacedName> {
+        std::mem::take(&mut self.changed_services)
     }
 }
 
@@ -1377,5 +1483,41 @@ endpoints:
         );
         let err = store.apply(&node, "a").unwrap_err();
         assert_eq!(err.kind, Kind::Node);
+    }
+
+    fn changed(store: &mut Store) -> Vec<String> {
+        store.take_changed_services().iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn store_notes_the_services_whose_service_or_slices_changed() {
+        let mut store = Store::default();
+        let web = svc("web", "{clusterIP: 10.96.0.10, ports: [{port: 80}]}");
+        store.apply(&web, "a").unwrap();
+        assert_eq!(changed(&mut store), vec!["default/web"]);
+        assert_eq!(changed(&mut store), Vec::<String>::new());
+        // The same version again, a rejected one, a skipped one that was never programmed.
+        store.apply(&web, "a").unwrap();
+        store.apply(&svc("web", "{clusterIP: bad}"), "a").unwrap_err();
+        store.apply(&svc("headless", "{clusterIP: None}"), "a").unwrap();
+        assert_eq!(changed(&mut store), Vec::<String>::new());
+
+        store.apply(&web_slice("web-1", "10.244.1.1"), "a").unwrap();
+        assert_eq!(changed(&mut store), vec!["default/web"]);
+        // A slice moving to another Service changes both.
+        let moved = slice("metadata: {name: web-1, labels: {kubernetes.io/service-name: api}}\naddressType: IPv4\nendpoints: []\n");
+        store.apply(&moved, "a").unwrap();
+        assert_eq!(changed(&mut store), vec!["default/api", "default/web"]);
+        assert_eq!(store.service_slices(&nn("default", "web")).count(), 0);
+        assert_eq!(store.service_slices(&nn("default", "api")).count(), 1);
+
+        // A full listing of what is there changes nothing; deleting does.
+        let all = [web.clone(), moved.clone()];
+        assert_eq!(store.replace_all(all.iter().map(|o| (o, "a")), []).len(), 0);
+        assert_eq!(changed(&mut store), Vec::<String>::new());
+        store.replace_all(std::iter::once((&web, "a")), []);
+        assert_eq!(changed(&mut store), vec!["default/api"]);
+        store.delete(&ObjectKey::Service(nn("default", "web")));
+        assert_eq!(changed(&mut store), vec!["default/web"]);
     }
 }

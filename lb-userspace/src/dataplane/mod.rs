@@ -1,6 +1,8 @@
 //! The kernel side as the agent sees it: the embedded object, loading and attaching it with
-//! pinned maps and links (`loader`), writing desired state into the maps (`writer`), and
-//! reading counters and table fill back (`stats`).
+//! pinned maps and links (`loader`), writing desired state into the maps (`writer`, which
+//! numbers groups and counter slots with `ids`), and reading counters and table fill back
+//! (`stats`).
+mod ids;
 pub mod loader;
 pub mod stats;
 pub mod writer;

@@ -10,6 +10,7 @@ use aya::maps::{Map, MapData, MapError, PerCpuArray};
 use lb_common::{maps, stats::ServiceStats};
 
 use super::DataplaneError;
+use crate::desired::GroupName;
 
 /// Packets and IP bytes of one Service port, summed over CPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +54,7 @@ pub fn pinned_service_stats(dir: &Path) -> Result<PerCpuArray<MapData, ServiceSt
 /// The counters of every Service port in `counted` (counter slot → Service port).
 pub fn service_traffic(
     stats: &PerCpuArray<MapData, ServiceStats>,
-    counted: &BTreeMap<u16, String>,
+    counted: &BTreeMap<u16, GroupName>,
 ) -> Result<Vec<ServiceTraffic>, DataplaneError> {
     let map_err = |source| DataplaneError::Map { name: maps::SERVICE_STATS, source };
     counted
@@ -61,7 +62,7 @@ pub fn service_traffic(
         .map(|(index, service_port)| {
             let per_cpu = stats.get(&u32::from(*index), 0).map_err(map_err)?;
             Ok(ServiceTraffic {
-                service_port: service_port.clone(),
+                service_port: service_port.to_string(),
                 packets: per_cpu.iter().map(|s| s.packets).sum(),
                 bytes: per_cpu.iter().map(|s| s.bytes).sum(),
             })

@@ -1,13 +1,15 @@
 //! The one map writer: diffs desired state against what the maps hold and writes only the
-//! difference, in an order that never shows a packet a half-built Service.
+//! difference, in an order that never shows a packet a half-built Service. Fed by a
+//! `desired::Incremental` whose previous revision it wrote, it diffs only what changed.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    Array, HashMap, MapData, MapError, PerCpuArray, PerCpuValues,
+    Array, MapData, MapError, PerCpuArray, PerCpuValues,
 };
 use lb_common::{
     backend::{Backend, BackendKey},
@@ -18,8 +20,11 @@ use lb_common::{
     stats::{ServiceStats, SERVICE_STATS_MAX},
 };
 
-use super::{Dataplane, DataplaneError};
-use crate::desired::{DesiredState, SourceRange};
+use super::{
+    ids::{group_ids, stats_indices, Ids, OutOfScope},
+    Dataplane, DataplaneError,
+};
+use crate::desired::{frontend_ranges, Changes, DesiredState, Frontend, GroupName, Incremental, SourceRange};
 
 /// What one sync did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -34,8 +39,8 @@ pub struct SyncReport {
 }
 
 pub struct MapWriter {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
-    backends: HashMap<MapData, BackendKey, Backend>,
+    services: aya::maps::HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: aya::maps::HashMap<MapData, BackendKey, Backend>,
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, ServiceStats>,
@@ -45,8 +50,27 @@ pub struct MapWriter {
     slots: BTreeMap<BackendKey, Backend>,
     ranges: BTreeSet<SourceRange>,
     node_config: NodeConfig,
-    /// The Service port each counter slot in use counts.
-    counted: BTreeMap<u16, String>,
+    /// The Service port each counter slot in use counts; shared, not copied, with readers.
+    counted: Arc<BTreeMap<u16, GroupName>>,
+    /// The ids of the desired groups and the counter slots of the desired Service ports, as
+    /// of the last sync.
+    group_ids: Ids,
+    stats_indices: Ids,
+    /// The `Incremental` revision the maps hold, written without failure: its next changes
+    /// can be diffed alone.
+    synced: Option<u64>,
+}
+
+/// The part of the maps one sync diffs: everything, or what changed.
+struct Scope {
+    /// Frontends to diff, with their source ranges.
+    frontends: BTreeSet<ServiceKey>,
+    /// Desired groups whose slots to diff.
+    groups: Vec<GroupName>,
+    /// Group ids whose slots may have gone stale.
+    stale_ids: BTreeSet<u32>,
+    /// Counter slots whose Service port may have changed.
+    counter_slots: BTreeSet<u32>,
 }
 
 fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
@@ -70,88 +94,25 @@ fn frontend_name(key: &ServiceKey) -> String {
     format!("{}:{}", key.ip(), key.host_port())
 }
 
-/// Numeric ids for `names`, from `1..limit`. A name keeps an id the maps already use if
-/// every use of it (`uses`: an id and the name its user wants now, `None` for a user going
-/// away) wants this name, so rewriting what the id points at never sends another name's
-/// packets there, even briefly. Other names get ids nothing in the maps uses (`uses` and
-/// `also_in_use`); names beyond `limit` get none.
-fn assign_ids<'a>(
-    uses: impl IntoIterator<Item = (u32, Option<&'a String>)>,
-    also_in_use: impl IntoIterator<Item = u32>,
-    names: impl IntoIterator<Item = &'a String>,
-    limit: u32,
-) -> BTreeMap<String, u32> {
-    let mut wanted_on_id: BTreeMap<u32, Vec<Option<&String>>> = BTreeMap::new();
-    for (id, wanted) in uses {
-        wanted_on_id.entry(id).or_default().push(wanted);
-    }
-    let mut ids = BTreeMap::new();
-    for (id, wanted) in &wanted_on_id {
-        if let Some(Some(name)) = wanted.first() {
-            if wanted.iter().all(|w| *w == Some(*name)) && !ids.contains_key(*name) {
-                ids.insert((*name).clone(), *id);
-            }
-        }
-    }
-    let in_use: BTreeSet<u32> = wanted_on_id.keys().copied().chain(also_in_use).collect();
-    let mut next = 1u32;
-    for name in names {
-        if !ids.contains_key(name) {
-            while in_use.contains(&next) {
-                next += 1;
-            }
-            if next >= limit {
-                break;
-            }
-            ids.insert(name.clone(), next);
-            next += 1;
-        }
-    }
-    ids
-}
-
-/// Numeric ids for the desired backend groups, read through `group_id` or
-/// `internal_group_id`; ids of slots still in the maps are not reused.
-fn group_ids(
-    frontends: &BTreeMap<ServiceKey, ServiceValue>,
-    slots: &BTreeMap<BackendKey, Backend>,
-    desired: &DesiredState,
-) -> BTreeMap<String, u32> {
-    let uses = frontends.iter().flat_map(|(key, value)| {
-        let wanted = desired.frontends.get(key);
-        [
-            (value.group_id, wanted.map(|f| &f.group)),
-            (value.internal_group_id, wanted.map(|f| &f.internal_group)),
-        ]
-    });
-    assign_ids(uses, slots.keys().map(|k| k.group_id), desired.groups.keys(), u32::MAX)
-}
-
-/// Counter slots for the desired Service ports (`Frontend::service_port`). Slot 0 means "not
-/// counted": past `SERVICE_STATS_MAX` Service ports, the rest go uncounted.
-fn stats_indices(
-    frontends: &BTreeMap<ServiceKey, ServiceValue>,
-    desired: &DesiredState,
-) -> BTreeMap<String, u16> {
-    let uses = frontends.iter().filter(|(_, v)| v.stats_index != 0).map(|(key, value)| {
-        (u32::from(value.stats_index), desired.frontends.get(key).map(|f| &f.service_port))
-    });
-    let names: BTreeSet<&String> = desired.frontends.values().map(|f| &f.service_port).collect();
-    let ids = assign_ids(uses, [], names, SERVICE_STATS_MAX);
-    ids.into_iter().map(|(name, id)| (name, u16::try_from(id).unwrap_or(0))).collect()
-}
-
 /// Per group id, how many of its slots the frontends may pick from: the highest count any
 /// frontend reads it with.
-fn slots_read(frontends: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeMap<u32, u16> {
+fn slots_read<'a>(frontends: impl IntoIterator<Item = &'a ServiceValue>) -> BTreeMap<u32, u16> {
     let mut read: BTreeMap<u32, u16> = BTreeMap::new();
-    for v in frontends.values() {
+    for v in frontends {
         for (id, count) in [(v.group_id, v.backend_count), (v.internal_group_id, v.internal_count)] {
             let max = read.entry(id).or_default();
             *max = (*max).max(count);
         }
     }
     read
+}
+
+/// The slots of group `id`.
+fn group_slots(
+    slots: &BTreeMap<BackendKey, Backend>,
+    id: u32,
+) -> impl Iterator<Item = (&BackendKey, &Backend)> {
+    slots.range(BackendKey { group_id: id, slot: 0 }..=BackendKey { group_id: id, slot: u32::MAX })
 }
 
 impl MapWriter {
@@ -169,7 +130,10 @@ impl MapWriter {
             slots: BTreeMap::new(),
             ranges: BTreeSet::new(),
             node_config: NodeConfig::default(),
-            counted: BTreeMap::new(),
+            counted: Arc::default(),
+            group_ids: Ids::default(),
+            stats_indices: Ids::default(),
+            synced: None,
         };
         writer.reread()?;
         Ok(writer)
@@ -178,6 +142,7 @@ impl MapWriter {
     /// Reads back what the maps hold, forgetting what this writer believed: the next sync
     /// then repairs any drift (an entry removed or changed by hand, e.g. with bpftool).
     pub fn reread(&mut self) -> Result<(), DataplaneError> {
+        self.synced = None;
         self.frontends = self.services.iter().collect::<Result<_, _>>().map_err(map_err(maps::SERVICES))?;
         self.slots = self.backends.iter().collect::<Result<_, _>>().map_err(map_err(maps::BACKENDS))?;
         self.ranges = self
@@ -192,7 +157,7 @@ impl MapWriter {
 
     /// The Service port (`ns/name:port/PROTO`) each counter slot in `XLB_SERVICE_STATS`
     /// counts, as of the last sync.
-    pub fn counted(&self) -> &BTreeMap<u16, String> {
+    pub fn counted(&self) -> &Arc<BTreeMap<u16, GroupName>> {
         &self.counted
     }
 
@@ -208,57 +173,162 @@ impl MapWriter {
         self.stats.set(u32::from(index), zeros, 0).map_err(|e| e.to_string())
     }
 
-    /// Makes the maps hold `desired`. Order: backend slots, new source ranges, frontends (add
-    /// or change), removed frontends, removed source ranges, removed slots: a frontend only
-    /// ever points at complete slots and finds all of its ranges.
+    /// Makes the maps hold `desired`, diffing all of it.
     pub fn sync(&mut self, desired: &DesiredState) -> SyncReport {
-        let ids = group_ids(&self.frontends, &self.slots, desired);
-        let counters = stats_indices(&self.frontends, desired);
-        let mut target_slots = BTreeMap::new();
-        for (name, backends) in &desired.groups {
-            for (slot, backend) in backends.iter().enumerate() {
-                target_slots.insert(BackendKey { group_id: ids[name], slot: slot as u32 }, *backend);
-            }
+        self.synced = None;
+        self.sync_all(desired)
+    }
+
+    /// Makes the maps hold `desired`'s state. When they hold the revision its changes lead
+    /// from, only the changes are diffed.
+    pub fn sync_changes(&mut self, desired: &Incremental) -> SyncReport {
+        let changes = desired.changes();
+        let report = match changes.since {
+            Some(since) if self.synced == Some(since) => self.sync_changed(desired.state(), changes),
+            _ => self.sync_all(desired.state()),
+        };
+        // After a failure the maps hold neither revision: the next sync diffs everything.
+        self.synced = report.failures.is_empty().then_some(desired.revision());
+        report
+    }
+
+    /// Diffs everything, with ids assigned afresh from what the maps hold.
+    fn sync_all(&mut self, desired: &DesiredState) -> SyncReport {
+        self.group_ids = group_ids(&self.frontends, &self.slots, desired).into_iter().collect();
+        let indices = stats_indices(&self.frontends, desired);
+        self.stats_indices = indices.into_iter().map(|(name, index)| (name, u32::from(index))).collect();
+        let ranged = desired.source_ranges.iter().chain(&self.ranges).map(|(key, _, _)| key);
+        let scope = Scope {
+            frontends: desired.frontends.keys().chain(self.frontends.keys()).chain(ranged).copied().collect(),
+            groups: desired.groups.keys().cloned().collect(),
+            stale_ids: self.slots.keys().map(|k| k.group_id).collect(),
+            counter_slots: self
+                .counted
+                .keys()
+                .map(|i| u32::from(*i))
+                .chain(self.stats_indices.ids())
+                .collect(),
+        };
+        self.write(desired, &scope)
+    }
+
+    /// Diffs the `changes` alone: the maps hold the state they lead from, so every frontend
+    /// outside them already reads the ids of the groups it wants.
+    fn sync_changed(&mut self, desired: &DesiredState, changes: &Changes) -> SyncReport {
+        match self.changed_scope(desired, changes) {
+            Ok(scope) => self.write(desired, &scope),
+            Err(OutOfScope) => self.sync_all(desired),
         }
-        let count =
-            |name: &String| u16::try_from(desired.groups.get(name).map_or(0, Vec::len)).unwrap_or(u16::MAX);
-        let target_frontends: BTreeMap<ServiceKey, ServiceValue> = desired
+    }
+
+    /// The scope of `changes`, with the ids of their groups and Service ports (named by their
+    /// Cluster group, so listed as groups too) brought up to date.
+    fn changed_scope(&mut self, desired: &DesiredState, changes: &Changes) -> Result<Scope, OutOfScope> {
+        // The listed frontends as the maps hold them and as desired.
+        let listed: Vec<(Option<ServiceValue>, Option<&Frontend>)> = changes
             .frontends
             .iter()
-            .map(|(key, fe)| {
-                let value = ServiceValue {
-                    group_id: ids[&fe.group],
-                    internal_group_id: ids[&fe.internal_group],
-                    backend_count: count(&fe.group),
-                    internal_count: count(&fe.internal_group),
-                    flags: fe.flags,
-                    stats_index: counters.get(&fe.service_port).copied().unwrap_or(0),
-                    affinity_timeout_s: fe.affinity_timeout_s,
-                };
-                (*key, value)
-            })
+            .map(|key| (self.frontends.get(key).copied(), desired.frontends.get(key)))
             .collect();
-        let group_of =
-            |id: u32| ids.iter().find(|(_, v)| **v == id).map_or("?", |(k, _)| k.as_str()).to_string();
+        let held = || listed.iter().filter_map(|(value, wanted)| Some((value.as_ref()?, wanted)));
+        let group_uses = held().flat_map(|(value, wanted)| {
+            [
+                (value.group_id, wanted.map(|f| &f.group)),
+                (value.internal_group_id, wanted.map(|f| &f.internal_group)),
+            ]
+        });
+        let port_uses = held()
+            .filter(|(value, _)| value.stats_index != 0)
+            .map(|(value, wanted)| (u32::from(value.stats_index), wanted.map(|f| &f.service_port)));
+        let ports: BTreeSet<&GroupName> =
+            listed.iter().filter_map(|(_, wanted)| Some(&(*wanted)?.service_port)).collect();
+        let old_ids: Vec<u32> = changes.groups.iter().filter_map(|g| self.group_ids.get(g)).collect();
+        let old_slots: Vec<u32> = changes.groups.iter().filter_map(|p| self.stats_indices.get(p)).collect();
+        self.group_ids.update(group_uses, &changes.groups, |g| desired.groups.contains_key(g), u32::MAX)?;
+        self.stats_indices.update(port_uses, &changes.groups, |p| ports.contains(p), SERVICE_STATS_MAX)?;
+        // A listed frontend wanting a group outside the changes finds it with its old id.
+        let wanted = listed.iter().filter_map(|(_, wanted)| *wanted);
+        if wanted.flat_map(|f| [&f.group, &f.internal_group]).any(|g| self.group_ids.get(g).is_none()) {
+            return Err(OutOfScope);
+        }
+        let new_ids = changes.groups.iter().filter_map(|g| self.group_ids.get(g));
+        let new_slots = changes.groups.iter().filter_map(|p| self.stats_indices.get(p));
+        Ok(Scope {
+            frontends: changes.frontends.clone(),
+            groups: changes.groups.iter().filter(|g| desired.groups.contains_key(*g)).cloned().collect(),
+            stale_ids: old_ids.into_iter().chain(new_ids).collect(),
+            counter_slots: old_slots.into_iter().chain(new_slots).collect(),
+        })
+    }
 
+    /// Makes the `scope` of the maps hold `desired`, with the ids assigned. Order: counter
+    /// resets, backend slots, new source ranges, frontends (add or change), removed
+    /// frontends, removed source ranges, removed slots: a frontend only ever points at
+    /// complete slots and finds all of its ranges.
+    fn write(&mut self, desired: &DesiredState, scope: &Scope) -> SyncReport {
         let mut report = SyncReport {
-            frontends: target_frontends.len(),
-            backends: target_slots.len(),
+            frontends: desired.frontends.len(),
+            backends: desired.groups.values().map(Vec::len).sum(),
             source_ranges: desired.source_ranges.len(),
             ..Default::default()
         };
         // A slot starts counting a Service port from zero, before any frontend points at it.
-        for (name, index) in &counters {
-            if self.counted.get(index) != Some(name) {
-                match self.reset_counters(*index) {
-                    Ok(()) => {
-                        self.counted.insert(*index, name.clone());
-                    }
-                    Err(e) => report.failures.push(format!("{name}: resetting counter slot {index}: {e}")),
+        for &slot in &scope.counter_slots {
+            let Ok(index) = u16::try_from(slot) else { continue };
+            let port = self.stats_indices.name(slot).cloned();
+            if self.counted.get(&index) == port.as_ref() {
+                continue;
+            }
+            // Until reset, the slot counts no Service port.
+            Arc::make_mut(&mut self.counted).remove(&index);
+            let Some(port) = port else { continue };
+            match self.reset_counters(index) {
+                Ok(()) => {
+                    Arc::make_mut(&mut self.counted).insert(index, port);
                 }
+                Err(e) => report.failures.push(format!("{port}: resetting counter slot {index}: {e}")),
             }
         }
-        self.counted.retain(|index, name| counters.get(name) == Some(index));
+        // Every desired group has an id (a changes-only sync falls back to a full one
+        // otherwise); 0 is never assigned.
+        let id = |name: &GroupName| self.group_ids.get(name).unwrap_or(0);
+        let mut target_slots = BTreeMap::new();
+        for name in &scope.groups {
+            for (slot, backend) in desired.groups[name].iter().enumerate() {
+                target_slots.insert(BackendKey { group_id: id(name), slot: slot as u32 }, *backend);
+            }
+        }
+        // Several frontends read each group: its id and slot count are looked up once.
+        let mut groups: HashMap<&GroupName, (u32, u16)> = HashMap::new();
+        let mut group = |name| {
+            *groups.entry(name).or_insert_with(|| {
+                let count = desired.groups.get(name).map_or(0, Vec::len);
+                (id(name), u16::try_from(count).unwrap_or(u16::MAX))
+            })
+        };
+        let stats_index =
+            |port: &GroupName| self.stats_indices.get(port).and_then(|i| u16::try_from(i).ok()).unwrap_or(0);
+        let target_frontends: BTreeMap<ServiceKey, ServiceValue> = scope
+            .frontends
+            .iter()
+            .filter_map(|key| {
+                let fe = desired.frontends.get(key)?;
+                let ((group_id, backend_count), (internal_group_id, internal_count)) =
+                    (group(&fe.group), group(&fe.internal_group));
+                let value = ServiceValue {
+                    group_id,
+                    internal_group_id,
+                    backend_count,
+                    internal_count,
+                    flags: fe.flags,
+                    stats_index: stats_index(&fe.service_port),
+                    affinity_timeout_s: fe.affinity_timeout_s,
+                };
+                Some((*key, value))
+            })
+            .collect();
+        let group_of = |id: u32| self.group_ids.name(id).map_or("?", |name| &**name).to_string();
+
         let mut broken_groups = BTreeSet::new();
         for (key, backend) in &target_slots {
             if self.slots.get(key) == Some(backend) {
@@ -281,7 +351,13 @@ impl MapWriter {
         }
         // A range that cannot be written does not hold its frontend back: the frontend then
         // admits fewer clients than desired, never more.
-        let new_ranges: Vec<SourceRange> = desired.source_ranges.difference(&self.ranges).copied().collect();
+        let new_ranges: Vec<SourceRange> = scope
+            .frontends
+            .iter()
+            .flat_map(|key| frontend_ranges(&desired.source_ranges, *key))
+            .filter(|range| !self.ranges.contains(range))
+            .copied()
+            .collect();
         for range in new_ranges {
             match self.source_ranges.insert(&trie_key(&range), 1, 0) {
                 Ok(()) => {
@@ -322,8 +398,12 @@ impl MapWriter {
                 )),
             }
         }
-        let stale_frontends: Vec<ServiceKey> =
-            self.frontends.keys().filter(|k| !target_frontends.contains_key(k)).copied().collect();
+        let stale_frontends: Vec<ServiceKey> = scope
+            .frontends
+            .iter()
+            .filter(|k| self.frontends.contains_key(k) && !target_frontends.contains_key(k))
+            .copied()
+            .collect();
         for key in stale_frontends {
             match self.services.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {
@@ -333,8 +413,13 @@ impl MapWriter {
                 Err(e) => report.failures.push(format!("removing frontend {}: {e}", frontend_name(&key))),
             }
         }
-        let stale_ranges: Vec<SourceRange> =
-            self.ranges.difference(&desired.source_ranges).copied().collect();
+        let stale_ranges: Vec<SourceRange> = scope
+            .frontends
+            .iter()
+            .flat_map(|key| frontend_ranges(&self.ranges, *key))
+            .filter(|range| !desired.source_ranges.contains(range))
+            .copied()
+            .collect();
         for range in stale_ranges {
             match self.source_ranges.remove(&trie_key(&range)) {
                 Ok(()) | Err(MapError::KeyNotFound) => {
@@ -351,11 +436,17 @@ impl MapWriter {
         }
         // A slot goes only when no frontend, as the maps now hold them, can still pick it
         // (one left as it was because its new backends did not fit keeps its old slots).
-        let read = slots_read(&self.frontends);
+        // Every frontend reading a scope id is in the scope.
+        let read = slots_read(scope.frontends.iter().filter_map(|key| self.frontends.get(key)));
         let still_read =
             |k: &BackendKey| read.get(&k.group_id).is_some_and(|count| u32::from(*count) > k.slot);
-        let stale_slots: Vec<BackendKey> =
-            self.slots.keys().filter(|k| !target_slots.contains_key(k) && !still_read(k)).copied().collect();
+        let stale_slots: Vec<BackendKey> = scope
+            .stale_ids
+            .iter()
+            .flat_map(|id| group_slots(&self.slots, *id))
+            .map(|(key, _)| *key)
+            .filter(|k| !target_slots.contains_key(k) && !still_read(k))
+            .collect();
         for key in stale_slots {
             match self.backends.remove(&key) {
                 Ok(()) | Err(MapError::KeyNotFound) => {
@@ -385,7 +476,12 @@ impl MapWriter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::Frontend;
+    use crate::{
+        dataplane::MapSizes,
+        desired::{churn::Churn, NodeContext},
+        manifests::parse_str,
+        model::{NamespacedName, ObjectKey, Store},
+    };
     use lb_common::proto::TCP;
 
     fn key(last: u8) -> ServiceKey {
@@ -405,66 +501,12 @@ mod tests {
         }
     }
 
-    /// Desired frontends (key, group, internal group); every named group exists.
-    fn desired(frontends: &[(ServiceKey, &str, &str)]) -> DesiredState {
-        let mut state = DesiredState::default();
-        for (key, group, internal_group) in frontends {
-            let fe = Frontend {
-                group: group.to_string(),
-                internal_group: internal_group.to_string(),
-                flags: 0,
-                affinity_timeout_s: 0,
-                service_port: group.to_string(),
-            };
-            state.frontends.insert(*key, fe);
-            for name in [group, internal_group] {
-                state.groups.insert(name.to_string(), vec![]);
-            }
-        }
-        state
-    }
-
-    fn ids(pairs: &[(&str, u32)]) -> BTreeMap<String, u32> {
-        pairs.iter().map(|(name, id)| (name.to_string(), *id)).collect()
-    }
-
-    const NO_SLOTS: BTreeMap<BackendKey, Backend> = BTreeMap::new();
-
-    #[test]
-    fn groups_keep_the_ids_they_are_read_through_by_either_field() {
-        let maps = [(key(1), value(5, 5)), (key(2), value(7, 5)), (key(3), value(7, 5))].into();
-        let want =
-            desired(&[(key(1), "web", "web"), (key(2), "web local", "web"), (key(3), "web local", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 5), ("web local", 7)]));
-    }
-
-    #[test]
-    fn an_id_is_not_kept_when_its_frontends_now_want_different_groups() {
-        // key(1) read group 5 through both fields; now its outside clients go to "web local".
-        let maps = [(key(1), value(5, 5))].into();
-        let want = desired(&[(key(1), "web local", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1), ("web local", 2)]));
-        // Or a frontend on the id goes away while another stays.
-        let maps = [(key(1), value(5, 5)), (key(2), value(5, 5))].into();
-        let want = desired(&[(key(1), "web", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1)]));
-    }
-
-    #[test]
-    fn new_ids_skip_every_id_frontends_or_slots_in_the_maps_use() {
-        let maps = [(key(1), value(1, 3))].into();
-        let slots =
-            [(BackendKey { group_id: 2, slot: 0 }, Backend::new(Ipv4Addr::new(10, 244, 1, 1), 80, 0))].into();
-        let want = desired(&[(key(2), "a", "b")]);
-        assert_eq!(group_ids(&maps, &slots, &want), ids(&[("a", 4), ("b", 5)]));
-    }
-
     #[test]
     fn slots_read_per_id_is_the_highest_count_through_either_field() {
-        let maps = [(key(1), value(5, 7)), (key(2), value(7, 5))].into();
-        assert_eq!(slots_read(&maps), [(5, 2), (7, 2)].into());
-        let maps = [(key(1), value(5, 7))].into();
-        assert_eq!(slots_read(&maps), [(5, 2), (7, 1)].into());
+        let maps = [(key(1), value(5, 7)), (key(2), value(7, 5))];
+        assert_eq!(slots_read(maps.iter().map(|(_, v)| v)), [(5, 2), (7, 2)].into());
+        let maps = [(key(1), value(5, 7))];
+        assert_eq!(slots_read(maps.iter().map(|(_, v)| v)), [(5, 2), (7, 1)].into());
     }
 
     #[test]
@@ -479,136 +521,176 @@ mod tests {
         assert_eq!(source_range(&trie), range);
     }
 
-    fn names(names: &[&str]) -> Vec<String> {
-        names.iter().map(|n| n.to_string()).collect()
+    // The tests below load the programs and write real maps: they need root.
+
+    /// A writer on private maps, and the dataplane that holds them.
+    fn writer(backends: u32) -> (Dataplane, MapWriter) {
+        let sizes = MapSizes { services: 1024, backends, conntrack: 1024 };
+        let mut dp = Dataplane::load_unpinned(sizes).expect("loading the programs (needs root)");
+        let writer = MapWriter::open(&mut dp).unwrap();
+        (dp, writer)
     }
 
-    #[test]
-    fn assign_ids_gives_new_names_the_lowest_ids_not_in_use_and_none_from_the_limit_on() {
-        let wanted = names(&["a", "b", "c", "d"]);
-        let assigned = assign_ids([], [1, 3], &wanted, 5);
-        assert_eq!(assigned, ids(&[("a", 2), ("b", 4)]));
-        assert_eq!(assign_ids([], [], &wanted, u32::MAX), ids(&[("a", 1), ("b", 2), ("c", 3), ("d", 4)]));
-        assert_eq!(assign_ids([], [], &wanted, 1), ids(&[]));
-    }
+    /// Per frontend, what a packet finds: flags, affinity timeout, the Service port counted,
+    /// and the backends of its two groups.
+    type Seen = BTreeMap<ServiceKey, (u16, u32, Option<GroupName>, Vec<Backend>, Vec<Backend>)>;
 
-    #[test]
-    fn assign_ids_keeps_an_id_only_when_every_use_wants_the_name_and_a_name_only_once() {
-        let (a, b, c) = ("a".to_string(), "b".to_string(), "c".to_string());
-        let uses = [
-            // a is wanted on 4 and 6: it keeps the lower; 6 stays in use.
-            (6, Some(&a)),
-            (4, Some(&a)),
-            (4, Some(&a)),
-            // A user of 8 goes away: b cannot keep it.
-            (8, Some(&b)),
-            (8, None),
-            // 2 is wanted by b and c: neither keeps it.
-            (2, Some(&b)),
-            (2, Some(&c)),
-        ];
-        let wanted = names(&["a", "b", "c"]);
-        assert_eq!(assign_ids(uses, [], &wanted, u32::MAX), ids(&[("a", 4), ("b", 1), ("c", 3)]));
-    }
-
-    #[test]
-    fn assign_ids_lets_a_name_keep_its_id_when_the_limit_leaves_new_names_without_one() {
-        let z = "z".to_string();
-        let wanted = names(&["a", "b", "z"]);
-        // Only ids 1 and 2 exist: z keeps 2, a takes 1, b gets none.
-        assert_eq!(assign_ids([(2, Some(&z))], [], &wanted, 3), ids(&[("a", 1), ("z", 2)]));
-    }
-
-    /// A frontend in the maps counted in slot `stats_index`.
-    fn counted(stats_index: u16) -> ServiceValue {
-        ServiceValue { stats_index, ..value(1, 1) }
-    }
-
-    /// Desired frontends (key, group, Service port).
-    fn desired_ports(frontends: &[(ServiceKey, &str, &str)]) -> DesiredState {
-        let mut state = DesiredState::default();
-        for (key, group, service_port) in frontends {
-            let fe = Frontend {
-                group: group.to_string(),
-                internal_group: group.to_string(),
-                flags: 0,
-                affinity_timeout_s: 0,
-                service_port: service_port.to_string(),
-            };
-            state.frontends.insert(*key, fe);
-            state.groups.insert(group.to_string(), vec![]);
+    /// What the maps hold, checking on the way that every slot is one of a desired group or
+    /// one a frontend can pick, that one group name has one id, and that the writer knows the
+    /// maps as they are.
+    fn seen(w: &MapWriter, desired: &DesiredState) -> Seen {
+        let services: BTreeMap<ServiceKey, ServiceValue> = w.services.iter().map(Result::unwrap).collect();
+        let slots: BTreeMap<BackendKey, Backend> = w.backends.iter().map(Result::unwrap).collect();
+        let ranges: BTreeSet<SourceRange> =
+            w.source_ranges.keys().map(|k| source_range(&k.unwrap())).collect();
+        assert_eq!((&w.frontends, &w.slots, &w.ranges), (&services, &slots, &ranges));
+        assert_eq!(ranges, desired.source_ranges);
+        let read = slots_read(services.values());
+        for key in slots.keys() {
+            let desired_len =
+                w.group_ids.name(key.group_id).and_then(|name| desired.groups.get(name)).map(Vec::len);
+            let read = read.get(&key.group_id).is_some_and(|count| u32::from(*count) > key.slot);
+            assert!(read || desired_len.is_some_and(|len| len > key.slot as usize), "{key:?}");
         }
-        state
-    }
-
-    fn slots(pairs: &[(&str, u16)]) -> BTreeMap<String, u16> {
-        pairs.iter().map(|(name, slot)| (name.to_string(), *slot)).collect()
-    }
-
-    #[test]
-    fn service_ports_get_one_counter_slot_each_from_1() {
-        let want =
-            desired_ports(&[(key(1), "web", "web"), (key(2), "web local", "web"), (key(3), "db", "db")]);
-        assert_eq!(stats_indices(&BTreeMap::new(), &want), slots(&[("db", 1), ("web", 2)]));
-    }
-
-    #[test]
-    fn service_port_keeps_the_counter_slot_its_frontends_in_the_maps_use() {
-        let maps = [(key(1), counted(7)), (key(2), counted(7))].into();
-        // key(3) is new: it joins slot 7; db takes the lowest free slot.
-        let want = desired_ports(&[
-            (key(1), "web", "web"),
-            (key(2), "web local", "web"),
-            (key(3), "web", "web"),
-            (key(4), "db", "db"),
-        ]);
-        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 7)]));
-    }
-
-    #[test]
-    fn counter_slot_is_not_kept_when_one_of_its_frontends_counts_another_service_port_or_goes_away() {
-        // key(2) now counts for db: slot 7 would mix web and db.
-        let maps = [(key(1), counted(7)), (key(2), counted(7))].into();
-        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "db", "db")]);
-        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 2)]));
-        // key(2) goes away while still counting in slot 7: slot 7 is not reused either.
-        let maps = [(key(1), counted(1)), (key(2), counted(1))].into();
-        let want = desired_ports(&[(key(1), "web", "web")]);
-        assert_eq!(stats_indices(&maps, &want), slots(&[("web", 2)]));
-    }
-
-    #[test]
-    fn frontends_in_slot_0_are_uncounted_and_hold_no_slot() {
-        let maps = [(key(1), counted(0)), (key(2), counted(0))].into();
-        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "db", "db")]);
-        assert_eq!(stats_indices(&maps, &want), slots(&[("db", 1), ("web", 2)]));
-        // Even when every uncounted frontend wants the same Service port.
-        let want = desired_ports(&[(key(1), "web", "web"), (key(2), "web local", "web")]);
-        assert_eq!(stats_indices(&maps, &want), slots(&[("web", 1)]));
-    }
-
-    #[test]
-    fn service_ports_past_the_last_counter_slot_go_uncounted() {
-        let service_ports: Vec<(ServiceKey, String)> = (0..SERVICE_STATS_MAX)
-            .map(|i| {
-                (ServiceKey::new(Ipv4Addr::from(0x0a00_0000 + i), 80, TCP), format!("ns/svc-{i:05}:/TCP"))
-            })
-            .collect();
-        let mut want = DesiredState::default();
-        for (key, name) in &service_ports {
-            let fe = Frontend {
-                group: name.clone(),
-                internal_group: name.clone(),
-                flags: 0,
-                affinity_timeout_s: 0,
-                service_port: name.clone(),
-            };
-            want.frontends.insert(*key, fe);
+        let mut ids: BTreeMap<&GroupName, u32> = BTreeMap::new();
+        for (key, value) in &services {
+            let fe = &desired.frontends[key];
+            for (name, id) in [(&fe.group, value.group_id), (&fe.internal_group, value.internal_group_id)] {
+                assert_eq!(*ids.entry(name).or_insert(id), id, "{name}");
+            }
         }
-        let indices = stats_indices(&BTreeMap::new(), &want);
-        // Slots 1-65535: one Service port short.
-        assert_eq!(indices.len(), usize::from(u16::MAX));
-        assert_eq!(indices.values().copied().collect::<BTreeSet<u16>>(), (1..=u16::MAX).collect());
-        assert_eq!(indices.get(&service_ports.last().unwrap().1), None);
+        let distinct: BTreeSet<u32> = ids.values().copied().collect();
+        assert_eq!(distinct.len(), ids.len());
+        let backends =
+            |id, count| (0..u32::from(count)).map(|slot| slots[&BackendKey { group_id: id, slot }]).collect();
+        let seen = services.iter().map(|(key, v)| {
+            let counted = w.counted.get(&v.stats_index).cloned();
+            let groups =
+                (backends(v.group_id, v.backend_count), backends(v.internal_group_id, v.internal_count));
+            (*key, (v.flags, v.affinity_timeout_s, counted, groups.0, groups.1))
+        });
+        seen.collect()
+    }
+
+    /// What `desired` asks packets to find.
+    fn wanted(desired: &DesiredState) -> Seen {
+        let wanted = desired.frontends.iter().map(|(key, fe)| {
+            let groups = (desired.groups[&fe.group].clone(), desired.groups[&fe.internal_group].clone());
+            (*key, (fe.flags, fe.affinity_timeout_s, Some(fe.service_port.clone()), groups.0, groups.1))
+        });
+        wanted.collect()
+    }
+
+    #[test]
+    fn syncing_changes_leaves_the_maps_as_a_full_sync_would() {
+        let (_dp, mut w) = writer(4096);
+        let mut churn = Churn::new(3);
+        let mut desired = Incremental::default();
+        for step in 0..600 {
+            let what = churn.step();
+            let node = churn.node();
+            desired.update(&mut churn.store, &node);
+            let report = w.sync_changes(&desired);
+            assert_eq!(report.failures, Vec::<String>::new(), "{what}");
+            assert_eq!(w.synced, Some(desired.revision()));
+            assert_eq!(seen(&w, desired.state()), wanted(desired.state()), "step {step}: {what}");
+            if step % 100 == 99 {
+                w.reread().unwrap();
+            }
+        }
+    }
+
+    fn nodeport(name: &str, n: u8, spec_extra: &str) -> String {
+        format!("kind: Service\nmetadata: {{name: {name}}}\nspec: {{type: NodePort, clusterIP: 10.96.0.{n}, ports: [{{name: http, port: 80, nodePort: {}}}]{spec_extra}}}\n---\n", 30000 + u16::from(n))
+    }
+
+    fn slice(service: &str, addrs: &[&str]) -> String {
+        let endpoints: Vec<String> =
+            addrs.iter().map(|a| format!("{{addresses: [{a}], nodeName: node-a}}")).collect();
+        format!("kind: EndpointSlice\nmetadata: {{name: {service}-1, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints: [{}]\n---\n", endpoints.join(", "))
+    }
+
+    fn apply(store: &mut Store, yaml: &str) {
+        for object in parse_str(yaml).unwrap().objects {
+            store.apply(&object, "test").unwrap();
+        }
+    }
+
+    const NODE: NodeContext<'static> =
+        NodeContext { name: "node-a", addrs: &[Ipv4Addr::new(198, 18, 0, 1)], default_snat_addr: None };
+
+    /// Updates `desired` from `store` and syncs its changes: (written, deleted).
+    fn sync(w: &mut MapWriter, store: &mut Store, desired: &mut Incremental) -> (usize, usize) {
+        desired.update(store, &NODE);
+        let report = w.sync_changes(desired);
+        assert_eq!(report.failures, Vec::<String>::new());
+        assert_eq!(seen(w, desired.state()), wanted(desired.state()));
+        (report.written, report.deleted)
+    }
+
+    #[test]
+    fn a_change_to_one_service_is_written_alone_and_a_full_sync_repairs_the_rest() {
+        let (_dp, mut w) = writer(1024);
+        let (mut store, mut desired) = (Store::default(), Incremental::default());
+        for n in 1..=10 {
+            let name = format!("svc{n}");
+            apply(&mut store, &(nodeport(&name, n, "") + &slice(&name, &["10.244.1.1", "10.244.1.2"])));
+        }
+        // 10 Services: 2 frontends and 2 slots each.
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (40, 0));
+        // Drift the maps by hand: a changes-only sync does not look there.
+        let svc9 = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 9), 80, TCP);
+        w.services.remove(&svc9).unwrap();
+        apply(&mut store, &slice("svc5", &["10.244.1.1", "10.244.1.3"]));
+        desired.update(&mut store, &NODE);
+        assert_eq!(w.sync_changes(&desired).written, 1);
+        assert!(w.services.get(&svc9, 0).is_err());
+        // One more endpoint: its slot, then both frontends with the new count.
+        apply(&mut store, &slice("svc5", &["10.244.1.1", "10.244.1.3", "10.244.1.4"]));
+        desired.update(&mut store, &NODE);
+        assert_eq!((w.sync_changes(&desired).written, w.synced), (3, Some(desired.revision())));
+        // The periodic full sync reads the maps back and repairs them.
+        w.reread().unwrap();
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (1, 0));
+        // A deleted Service: its frontends, then its slots.
+        store
+            .delete(&ObjectKey::Service(NamespacedName { namespace: "default".into(), name: "svc5".into() }));
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (0, 5));
+        assert!(!w.counted.values().any(|port| &**port == "default/svc5:http/TCP"));
+    }
+
+    #[test]
+    fn a_group_whose_frontends_now_want_another_moves_to_a_new_id() {
+        let (_dp, mut w) = writer(1024);
+        let (mut store, mut desired) = (Store::default(), Incremental::default());
+        apply(&mut store, &(nodeport("web", 1, "") + &slice("web", &["10.244.1.1", "10.244.2.2"])));
+        sync(&mut w, &mut store, &mut desired);
+        let cluster_ip = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 1), 80, TCP);
+        let before = w.frontends[&cluster_ip];
+        // The ClusterIP frontend now reads the Local group; the NodePort keeps the Cluster one.
+        apply(&mut store, &nodeport("web", 1, ", internalTrafficPolicy: Local"));
+        sync(&mut w, &mut store, &mut desired);
+        let after = w.frontends[&cluster_ip];
+        let ids = [after.group_id, w.frontends[&ServiceKey::new(NODE.addrs[0], 30001, TCP)].group_id];
+        assert!(!ids.contains(&before.group_id), "{before:?} {after:?}");
+        assert!(!w.slots.keys().any(|k| k.group_id == before.group_id));
+    }
+
+    #[test]
+    fn after_a_failed_sync_the_next_one_diffs_everything() {
+        // Room for 3 backend slots only.
+        let (_dp, mut w) = writer(3);
+        let (mut store, mut desired) = (Store::default(), Incremental::default());
+        apply(&mut store, &(nodeport("a", 1, "") + &slice("a", &["10.244.1.1", "10.244.1.2"])));
+        sync(&mut w, &mut store, &mut desired);
+        apply(&mut store, &(nodeport("b", 2, "") + &slice("b", &["10.244.2.1", "10.244.2.2"])));
+        desired.update(&mut store, &NODE);
+        let report = w.sync_changes(&desired);
+        assert_eq!(report.failures.len(), 3, "{:?}", report.failures);
+        assert_eq!(w.synced, None);
+        // b's one slot written is pruned by the full diff that follows.
+        store.delete(&ObjectKey::Service(NamespacedName { namespace: "default".into(), name: "b".into() }));
+        sync(&mut w, &mut store, &mut desired);
+        assert_eq!(w.slots.len(), 2);
     }
 }

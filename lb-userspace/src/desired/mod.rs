@@ -1,30 +1,43 @@
-//! Pure functions from the store to what one node's maps must hold. No I/O.
+//! What one node's maps must hold, from the store. No I/O.
+//!
+//! Each Service's part (its frontends, groups and health check) depends only on that
+//! Service, its slices and the node (`service`); `Incremental` keeps the parts and merges
+//! them into one `DesiredState`, recomputing only the Services that changed.
+#[cfg(test)]
+pub(crate) mod churn;
+mod incremental;
+mod service;
+
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
-use lb_common::{
-    backend::{Backend, BACKEND_F_LOCAL},
-    service::{ServiceKey, SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
-};
+use lb_common::{backend::Backend, service::ServiceKey};
 
-use crate::model::{Endpoint, NamespacedName, Protocol, ServicePort, ServiceRecord, SliceRecord, Store};
+pub use incremental::{Changes, Incremental};
+
+use crate::model::{NamespacedName, ServicePort, ServiceRecord, Store};
+
+/// Name of a backend group, e.g. `default/kiada:http/TCP`: shared, not copied, by the
+/// frontends that use it.
+pub type GroupName = Arc<str>;
 
 /// A frontend: the backend groups it balances to, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
     /// Group for clients outside the node.
-    pub group: String,
+    pub group: GroupName,
     /// Group for this node's pods and processes.
-    pub internal_group: String,
+    pub internal_group: GroupName,
     /// `SVC_F_*` bits.
     pub flags: u16,
     /// ClientIP session affinity timeout; 0 when off.
     pub affinity_timeout_s: u32,
     /// The Service port it belongs to (its Cluster group's name): traffic is counted per
     /// Service port.
-    pub service_port: String,
+    pub service_port: GroupName,
 }
 
 /// An allowed client range of a frontend: (frontend, network address, prefix length).
@@ -36,7 +49,7 @@ pub struct DesiredState {
     pub frontends: BTreeMap<ServiceKey, Frontend>,
     /// Backend groups by name, each in a stable order: per Service port the Cluster group,
     /// and the Local group when a frontend uses it.
-    pub groups: BTreeMap<String, Vec<Backend>>,
+    pub groups: BTreeMap<GroupName, Vec<Backend>>,
     /// Allowed client ranges of the frontends flagged `SVC_F_SOURCE_RANGES`.
     pub source_ranges: BTreeSet<SourceRange>,
     /// Address for SNAT to backends on other nodes.
@@ -57,130 +70,19 @@ pub struct NodeContext<'a> {
     pub default_snat_addr: Option<Ipv4Addr>,
 }
 
+/// The desired state of the whole store, computed afresh.
 pub fn compute(store: &Store, node: &NodeContext) -> DesiredState {
-    let mut slices_by_service: HashMap<&NamespacedName, Vec<&SliceRecord>> = HashMap::new();
-    for slice in store.slices() {
-        slices_by_service.entry(&slice.service).or_default().push(slice);
-    }
-    let mut state = DesiredState {
-        snat_addr: store.node(node.name).and_then(|n| n.internal_ip).or(node.default_snat_addr),
-        ..Default::default()
-    };
-    let zone = store.node(node.name).and_then(|n| n.zone.as_deref());
-    for svc in store.services() {
-        let slices = slices_by_service.get(&svc.id).map(Vec::as_slice).unwrap_or_default();
-        for port in &svc.ports {
-            add_service_port(&mut state, svc, port, slices, node, zone);
-        }
-        if let Some(hc_port) = svc.health_check_node_port {
-            add_health_check(&mut state, svc, hc_port, slices, node.name);
-        }
-    }
-    state
+    let mut desired = Incremental::default();
+    desired.apply(store, node, &BTreeSet::new());
+    desired.into_state()
 }
 
-/// kube-proxy's localEndpoints: the distinct IPs of this node's ready endpoints, over all
-/// the Service's slices and ports.
-fn add_health_check(
-    state: &mut DesiredState,
-    svc: &ServiceRecord,
-    hc_port: u16,
-    slices: &[&SliceRecord],
-    node_name: &str,
-) {
-    let local_ready: BTreeSet<Ipv4Addr> = slices
-        .iter()
-        .flat_map(|s| &s.endpoints)
-        .filter(|ep| ep.ready && ep.node_name.as_deref() == Some(node_name))
-        .map(|ep| ep.addr)
-        .collect();
-    match state.health_checks.get(&hc_port) {
-        Some((owner, _)) => state.conflicts.push(format!(
-            "healthCheckNodePort {hc_port} is claimed by {owner} and {}; keeping {owner}",
-            svc.id
-        )),
-        None => {
-            state.health_checks.insert(hc_port, (svc.id.clone(), local_ready.len()));
-        }
-    }
-}
-
-/// The groups and frontends of one Service port.
-fn add_service_port(
-    state: &mut DesiredState,
-    svc: &ServiceRecord,
-    port: &ServicePort,
-    slices: &[&SliceRecord],
-    node: &NodeContext,
-    zone: Option<&str>,
-) {
-    let EndpointSets { cluster, local } = endpoint_sets(slices, port, node.name, zone);
-    let cluster_group = group_name(svc, port);
-    let local_group = format!("{cluster_group} local");
-    let policy_group = |local_policy: bool| if local_policy { &local_group } else { &cluster_group };
-    // kube-proxy REJECTs only when the Service has no usable endpoint anywhere; an empty
-    // Local group with endpoints elsewhere drops.
-    let flags = if cluster.is_empty() { SVC_F_NO_ENDPOINTS } else { 0 };
-    let frontend = |group: &String, internal_group: &String| Frontend {
-        group: group.clone(),
-        internal_group: internal_group.clone(),
-        flags,
-        affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
-        service_port: cluster_group.clone(),
-    };
-    let proto = port.protocol.number();
-
-    let internal = policy_group(svc.internal_policy_local);
-    add_frontend(state, ServiceKey::new(svc.cluster_ip, port.port, proto), frontend(internal, internal));
-
-    // Pods and the node reaching an external address always get the Cluster group.
-    let external = frontend(policy_group(svc.external_policy_local), &cluster_group);
-    let node_ports = port
-        .node_port
-        .into_iter()
-        .flat_map(|np| node.addrs.iter().map(move |a| ServiceKey::new(*a, np, proto)));
-    let external_ips = svc.external_ips.iter().map(|ip| ServiceKey::new(*ip, port.port, proto));
-    for key in node_ports.chain(external_ips) {
-        add_frontend(state, key, external.clone());
-    }
-    let with_ranges = !svc.source_ranges.is_empty();
-    let lb = Frontend { flags: flags | if with_ranges { SVC_F_SOURCE_RANGES } else { 0 }, ..external };
-    for ip in &svc.lb_ips {
-        let key = ServiceKey::new(*ip, port.port, proto);
-        // A frontend lost to another Service must not get this Service's ranges.
-        if add_frontend(state, key, lb.clone()) && with_ranges {
-            state.source_ranges.extend(svc.source_ranges.iter().map(|(addr, len)| (key, *addr, *len)));
-        }
-    }
-
-    let externally_accessible =
-        port.node_port.is_some() || !svc.external_ips.is_empty() || !svc.lb_ips.is_empty();
-    if svc.internal_policy_local || (svc.external_policy_local && externally_accessible) {
-        state.groups.insert(local_group, local);
-    }
-    state.groups.insert(cluster_group, cluster);
-}
-
-/// Adds a frontend unless another Service already claimed its key; says whether it did.
-fn add_frontend(state: &mut DesiredState, key: ServiceKey, frontend: Frontend) -> bool {
-    match state.frontends.get(&key) {
-        Some(existing) => {
-            state.conflicts.push(format!(
-                "{}:{}/{} is claimed by {} and {}; keeping {}",
-                key.ip(),
-                key.host_port(),
-                Protocol::from_number(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
-                existing.group,
-                frontend.group,
-                existing.group
-            ));
-            false
-        }
-        None => {
-            state.frontends.insert(key, frontend);
-            true
-        }
-    }
+/// The source ranges of frontend `key` among `ranges`.
+pub fn frontend_ranges(
+    ranges: &BTreeSet<SourceRange>,
+    key: ServiceKey,
+) -> impl Iterator<Item = &SourceRange> {
+    ranges.range((key, Ipv4Addr::UNSPECIFIED, 0)..=(key, Ipv4Addr::BROADCAST, u8::MAX))
 }
 
 /// Names the Cluster backend group of one Service port, e.g. `default/kiada:http/TCP`; its
@@ -197,84 +99,15 @@ pub fn split_group_name(group: &str) -> (String, String, String) {
     (namespace.to_string(), name.to_string(), port.to_string())
 }
 
-/// The endpoints of one Service port as kube-proxy categorises them (pkg/proxy/topology.go
-/// `CategorizeEndpoints`).
-struct EndpointSets {
-    /// For Cluster traffic policy.
-    cluster: Vec<Backend>,
-    /// For Local traffic policy: the same choice among this node's endpoints.
-    local: Vec<Backend>,
-}
-
-fn endpoint_sets(
-    slices: &[&SliceRecord],
-    port: &ServicePort,
-    node_name: &str,
-    zone: Option<&str>,
-) -> EndpointSets {
-    // Per IP, the non-terminating endpoint wins over a terminating duplicate.
-    let mut by_ip: BTreeMap<Ipv4Addr, (&Endpoint, u16)> = BTreeMap::new();
-    for slice in slices {
-        let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol)
-        else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            match by_ip.get(&ep.addr) {
-                Some((existing, _)) if !existing.terminating || ep.terminating => {}
-                _ => {
-                    by_ip.insert(ep.addr, (ep, target.port));
-                }
-            }
-        }
-    }
-    let backends: Vec<(&Endpoint, Backend)> = by_ip
-        .into_values()
-        .map(|(ep, target_port)| {
-            let local = ep.node_name.as_deref() == Some(node_name);
-            (ep, Backend::new(ep.addr, target_port, if local { BACKEND_F_LOCAL } else { 0 }))
-        })
-        .collect();
-    let in_zone = |(ep, _): &&(&Endpoint, Backend)| match zone {
-        Some(zone) if use_zone_hints(&backends, zone) => ep.zone_hints.iter().any(|z| z == zone),
-        _ => true,
-    };
-    EndpointSets {
-        cluster: eligible(backends.iter().filter(in_zone)),
-        local: eligible(backends.iter().filter(|(_, b)| b.flags & BACKEND_F_LOCAL != 0)),
-    }
-}
-
-/// kube-proxy's `canUseTopology`: hints count only when every ready endpoint has one and
-/// some ready endpoint is hinted for this node's zone; otherwise a partial rollout of hints
-/// would overload the hinted endpoints.
-fn use_zone_hints(endpoints: &[(&Endpoint, Backend)], zone: &str) -> bool {
-    let ready = endpoints.iter().filter(|(ep, _)| ep.ready);
-    let mut for_zone = false;
-    for (ep, _) in ready {
-        if ep.zone_hints.is_empty() {
-            return false;
-        }
-        for_zone |= ep.zone_hints.iter().any(|z| z == zone);
-    }
-    for_zone
-}
-
-/// The endpoints a new connection may go to: the ready ones; if none is ready, the serving
-/// terminating ones.
-fn eligible<'a>(endpoints: impl Iterator<Item = &'a (&'a Endpoint, Backend)> + Clone) -> Vec<Backend> {
-    let ready: Vec<Backend> = endpoints.clone().filter(|(ep, _)| ep.ready).map(|(_, b)| *b).collect();
-    if !ready.is_empty() {
-        return ready;
-    }
-    endpoints.filter(|(ep, _)| ep.serving && ep.terminating).map(|(_, b)| *b).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::manifests::parse_str;
-    use lb_common::proto::{TCP, UDP};
+    use lb_common::{
+        backend::BACKEND_F_LOCAL,
+        proto::{TCP, UDP},
+        service::{SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
+    };
 
     /// A store holding every object of a multi-document YAML text, all valid.
     fn store(yaml: &str) -> Store {
@@ -390,8 +223,8 @@ mod tests {
             ("192.168.1.10", 30053, UDP, frontend(dns, SVC_F_NO_ENDPOINTS)),
         ]);
         assert_eq!(state.frontends, expected);
-        let groups: BTreeMap<String, Vec<Backend>> =
-            [(http.to_string(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]), (dns.to_string(), vec![])]
+        let groups: BTreeMap<GroupName, Vec<Backend>> =
+            [(http.into(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]), (dns.into(), vec![])]
                 .into_iter()
                 .collect();
         assert_eq!(state.groups, groups);
@@ -480,10 +313,10 @@ mod tests {
             // Same Service name in another namespace: not this Service's slice.
             + "kind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.4.4]}]\n";
         let state = compute(&store(&yaml), &node());
-        let groups: BTreeMap<String, Vec<Backend>> = [
-            ("default/web:/UDP".to_string(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
-            ("default/web:http/TCP".to_string(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]),
-            ("default/web:metrics/TCP".to_string(), vec![Backend::new(ip("10.244.1.1"), 9100, 0)]),
+        let groups: BTreeMap<GroupName, Vec<Backend>> = [
+            ("default/web:/UDP".into(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
+            ("default/web:http/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]),
+            ("default/web:metrics/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 9100, 0)]),
         ]
         .into_iter()
         .collect();
@@ -585,7 +418,9 @@ mod tests {
 
     #[test]
     fn local_group_exists_only_when_a_frontend_uses_it() {
-        let groups = |yaml: &str| compute(&store(yaml), &node()).groups.into_keys().collect::<Vec<_>>();
+        let groups = |yaml: &str| {
+            compute(&store(yaml), &node()).groups.into_keys().map(|name| name.to_string()).collect::<Vec<_>>()
+        };
         // externalTrafficPolicy Local without any external frontend: nothing uses it.
         let no_external =
             "{clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80}]}";
@@ -939,7 +774,7 @@ mod tests {
         let service_ports: Vec<(Ipv4Addr, u16, u8, &str)> = state
             .frontends
             .iter()
-            .map(|(key, fe)| (key.ip(), key.host_port(), key.proto, fe.service_port.as_str()))
+            .map(|(key, fe)| (key.ip(), key.host_port(), key.proto, &*fe.service_port))
             .collect();
         let dns = "default/web:dns/UDP";
         let mut expected = vec![
@@ -958,7 +793,7 @@ mod tests {
         assert_eq!(service_ports, expected);
         // The frontends themselves use the Local groups.
         let http_cluster_ip = &state.frontends[&ServiceKey::new(ip("10.96.0.10"), 80, TCP)];
-        assert_eq!((http_cluster_ip.group.as_str(), http_cluster_ip.service_port.as_str()), (LOCAL, CLUSTER));
+        assert_eq!((&*http_cluster_ip.group, &*http_cluster_ip.service_port), (LOCAL, CLUSTER));
     }
 
     #[test]
