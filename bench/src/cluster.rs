@@ -246,6 +246,9 @@ impl BenchCluster {
                     self.api.delete::<Service>(Some(workload::NAMESPACE), name);
                     self.api.delete::<EndpointSlice>(Some(workload::NAMESPACE), &format!("{name}-1"));
                 }
+                // No agent watches now: the next one lists afresh, and the history of every
+                // round would otherwise keep growing (gigabytes over a full run).
+                self.api.compact();
             }
             Some(Mode::Iptables | Mode::Nftables) => {
                 for node in &self.tb.nodes {

@@ -26,6 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const SOURCE_PORTS: std::ops::Range<u16> = 1024..65_535;
 /// Between probes that failed: the agent or iptables-restore needs the CPU more than we do.
 const PROBE_PAUSE: Duration = Duration::from_micros(250);
+/// How long one probe waits for its answer. A SYN sent before the rules exist is dropped
+/// and TCP would resend it only after 1 s, so the next probe starts after this: it bounds
+/// the resolution of a programming time (200 ms made every small one read as ~200 ms).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(20);
 
 /// Serves the benchmark protocol on `port` in `ns` with `workers` threads, answering every
 /// request with `name`. The threads live as long as the process.
@@ -193,7 +197,7 @@ pub fn probe_until(
     deadline: Instant,
 ) -> anyhow::Result<thread::JoinHandle<io::Result<anyhow::Result<Instant>>>> {
     netns::spawn(ns, move || loop {
-        match request(None, target, Duration::from_millis(200)) {
+        match request(None, target, PROBE_TIMEOUT) {
             Ok(name) if accept(&name) => return Ok(Instant::now()),
             _ if Instant::now() > deadline => bail!("{target} did not answer as expected in time"),
             Ok(_) => {}

@@ -194,6 +194,7 @@ pub fn markdown(report: &Report) -> String {
     for note in &report.notes {
         let _ = writeln!(md, "- {note}");
     }
+    md += &run_time(report);
     md += "\n## Plots\n\n";
     for plot in plots(report) {
         let _ = writeln!(md, "![{}]({})\n", plot.title, plot.file);
@@ -302,6 +303,32 @@ fn per_packet(report: &Report) -> Vec<(Mode, String, Summary)> {
         .collect();
     rows.sort_by_key(|(mode, _, _)| *mode);
     rows
+}
+
+/// The run's total time and its longest kinds of step.
+fn run_time(report: &Report) -> String {
+    /// Rows shown; report.json has them all.
+    const SHOWN: usize = 12;
+    if report.run_time.is_empty() {
+        return String::new();
+    }
+    let total: f64 = report.run_time.iter().map(|t| t.seconds).sum();
+    let mut table = Table::new(["Step (all repeats)", "Time", "Share"], 1);
+    for t in report.run_time.iter().take(SHOWN) {
+        table.rows.push(vec![
+            t.step.clone(),
+            format!("{:.0} s", t.seconds),
+            format!("{:.0}%", 100.0 * t.seconds / total.max(f64::MIN_POSITIVE)),
+        ]);
+    }
+    let seconds = total.round() as u64;
+    format!(
+        "\n## Run time\n\n{} min {:02} s in all; the {} longest kinds of step:\n\n{}",
+        seconds / 60,
+        seconds % 60,
+        SHOWN.min(report.run_time.len()),
+        table.render()
+    )
 }
 
 /// The per-packet table: each path's time, and what xlb adds over the floor's XDP_PASS.
@@ -727,7 +754,7 @@ fn register_font() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::{Machine, Settings};
+    use crate::results::{Machine, Settings, StepTime};
 
     /// Three runs at 100 and 10,000 Services, crafted so that some goals are met, some missed
     /// and some unmeasured, with medians that differ from the means.
@@ -753,6 +780,10 @@ mod tests {
                 test_runs: 100_000,
             },
             notes: vec!["nftables probe retried once".into()],
+            run_time: vec![
+                StepTime { step: "10000 Services, iptables: programming".into(), seconds: 90.0 },
+                StepTime { step: "100 Services, xlb: programming".into(), seconds: 35.4 },
+            ],
             ..Report::default()
         };
         let mut add = |metric, mode, services, path: &str, target: &str, samples: &[f64]| {
@@ -872,6 +903,9 @@ mod tests {
             "| xlb | xdp-conntrack-hit | 62.0 (60.0–70.0) | +41.0 |",
             "## Notes",
             "- nftables probe retried once",
+            "## Run time",
+            "2 min 05 s in all; the 2 longest kinds of step:",
+            "| 10000 Services, iptables: programming | 90 s | 72% |",
             "## Plots",
             "(conn-rate-clusterip-pod.png)",
             "(latency-p99-clusterip-pod.png)",

@@ -145,6 +145,14 @@ pub struct Goal {
     pub met: Option<bool>,
 }
 
+/// Where a run's time went: one kind of step (e.g. "10000 Services, iptables: programming"),
+/// every repeat together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StepTime {
+    pub step: String,
+    pub seconds: f64,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub machine: Machine,
@@ -153,6 +161,9 @@ pub struct Report {
     pub goals: Vec<Goal>,
     /// Things the reader must know about this run (failed probes, skipped steps).
     pub notes: Vec<String>,
+    /// Every kind of step with its total time, the longest first.
+    #[serde(default)]
+    pub run_time: Vec<StepTime>,
 }
 
 impl Report {

@@ -9,7 +9,7 @@ use crate::{
     cluster::{BenchCluster, Path, VERIFY_MAX_FAILURES},
     load::{self, Rng},
     micro,
-    results::{Machine, Metric, Mode, Report, Settings},
+    results::{Machine, Metric, Mode, Report, Settings, StepTime},
     workload::ENDPOINTS_PER_SERVICE,
 };
 
@@ -56,23 +56,30 @@ impl Plan {
     }
 }
 
-/// Prints one progress line, rewritten in place.
+/// Prints one progress line, rewritten in place, and adds up how long each kind of step took
+/// (the same step of every repeat together), for the report's run-time table.
 pub struct Progress {
     started: Instant,
     step: usize,
     steps: usize,
+    /// The step under way: its kind and when it began.
+    current: Option<(String, Instant)>,
+    totals: Vec<StepTime>,
 }
 
 impl Progress {
     fn new(steps: usize) -> Self {
-        Self { started: Instant::now(), step: 0, steps }
+        Self { started: Instant::now(), step: 0, steps, current: None, totals: Vec::new() }
     }
 
-    fn show(&mut self, what: &str) {
+    /// Ends the step under way and begins one of `kind`, shown as `shown`.
+    fn show(&mut self, kind: String, shown: &str) {
+        self.finish_step();
+        self.current = Some((kind, Instant::now()));
         self.step += 1;
         let s = self.started.elapsed().as_secs();
         eprint!(
-            "\r\x1b[K[{:>3}/{}] {:>2}:{:02} {what}",
+            "\r\x1b[K[{:>3}/{}] {:>2}:{:02} {shown}",
             self.step.min(self.steps),
             self.steps,
             s / 60,
@@ -80,13 +87,29 @@ impl Progress {
         );
         let _ = std::io::stderr().flush();
     }
+
+    fn finish_step(&mut self) {
+        let Some((kind, began)) = self.current.take() else { return };
+        let seconds = began.elapsed().as_secs_f64();
+        match self.totals.iter_mut().find(|t| t.step == kind) {
+            Some(total) => total.seconds += seconds,
+            None => self.totals.push(StepTime { step: kind, seconds }),
+        }
+    }
+
+    /// Every kind of step with its total time, the longest first.
+    fn into_totals(mut self) -> Vec<StepTime> {
+        self.finish_step();
+        self.totals.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        self.totals
+    }
 }
 
 /// Runs `plan` on a fresh benchmark cluster.
 pub fn run(plan: &Plan, machine: Machine) -> anyhow::Result<Report> {
     let settings = &plan.settings;
     let mut report = Report { machine, settings: settings.clone(), ..Report::default() };
-    let per_mode = 3 + 3 * Path::ALL.len();
+    let per_mode = 4 + 3 * Path::ALL.len();
     let steps = settings.service_counts.len() * settings.repeats * Mode::ALL.len() * per_mode + 1;
     let mut progress = Progress::new(steps);
     let mut cluster = BenchCluster::up()?;
@@ -105,15 +128,16 @@ pub fn run(plan: &Plan, machine: Machine) -> anyhow::Result<Report> {
             let mut order = Mode::ALL;
             order.rotate_left(repeat % Mode::ALL.len());
             for mode in order {
-                let label = |what: &str| {
-                    format!(
+                let mut step = |progress: &mut Progress, what: &str| {
+                    let shown = format!(
                         "{n} Services, repeat {}/{}, {}: {what}",
                         repeat + 1,
                         settings.repeats,
                         mode.as_str()
-                    )
+                    );
+                    progress.show(format!("{n} Services, {}: {what}", mode.as_str()), &shown);
                 };
-                progress.show(&label("programming"));
+                step(&mut progress, "programming");
                 measure_mode(
                     &mut cluster,
                     &mut report,
@@ -123,15 +147,18 @@ pub fn run(plan: &Plan, machine: Machine) -> anyhow::Result<Report> {
                     random,
                     repeat,
                     &mut progress,
-                    &label,
+                    &mut step,
                 )?;
+                step(&mut progress, "removing");
                 cluster.unprogram()?;
             }
         }
     }
-    progress.show("BPF_PROG_TEST_RUN per-packet cost");
+    let what = "BPF_PROG_TEST_RUN per-packet cost";
+    progress.show(what.to_string(), what);
     micro::measure(&mut report, settings.test_runs, plan.micro_samples)?;
     eprintln!();
+    report.run_time = progress.into_totals();
     Ok(report)
 }
 
@@ -145,7 +172,7 @@ fn measure_mode(
     random: usize,
     repeat: usize,
     progress: &mut Progress,
-    label: &dyn Fn(&str) -> String,
+    step: &mut dyn FnMut(&mut Progress, &str),
 ) -> anyhow::Result<()> {
     let settings = &plan.settings;
     let n = cluster.services();
@@ -154,7 +181,7 @@ fn measure_mode(
         report.add(Metric::ProgramAll, mode, n, "", "", ms(programmed));
     }
     if repeat == 0 {
-        progress.show(&label("checking every Service answers"));
+        step(progress, "checking every Service answers");
         for path in Path::ALL {
             let failed = cluster.verify_all(path)?;
             if failed > 0 {
@@ -167,19 +194,19 @@ fn measure_mode(
             }
         }
     } else {
-        progress.show(&label("programmed"));
+        step(progress, "programmed");
     }
     if mode != Mode::Floor {
-        progress.show(&label("changing one Service"));
+        step(progress, "changing one Service");
         let followed = cluster.change_one(changed)?;
         report.add(Metric::ProgramOne, mode, n, "", "", ms(followed));
     } else {
-        progress.show(&label("nothing to change"));
+        step(progress, "nothing to change");
     }
     let conn = Duration::from_millis(settings.conn_ms);
     for path in Path::ALL {
         for (target, i) in [("last", n - 1), ("random", random)] {
-            progress.show(&label(&format!("new connections, {} to the {target} Service", path.as_str())));
+            step(progress, &format!("new connections, {} to the {target} Service", path.as_str()));
             cluster.flush_connections()?;
             let seed = (n * 31 + repeat * 7 + i) as u64;
             let stats = load::connection_rate(
@@ -204,7 +231,7 @@ fn measure_mode(
         }
     }
     for path in Path::ALL {
-        progress.show(&label(&format!("one stream, {}", path.as_str())));
+        step(progress, &format!("one stream, {}", path.as_str()));
         cluster.flush_connections()?;
         let target = cluster.targets(path, n - 1)[0];
         let gbits = load::stream_throughput(

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN, SNAT_PORT_TRIES},
-    conntrack::CtKey,
+    conntrack::{CtEntry, CtKey, CT_STATE_CLOSED},
     nat::NatEntry,
 };
 
@@ -26,13 +26,28 @@ pub fn is_snat_port(port: u16) -> bool {
 /// connection is live and still uses that binding.
 #[inline(always)]
 pub fn client_of(reply: &CtKey, now: u64) -> Option<Endpoint> {
+    binding(reply, now).map(|(client, _)| client)
+}
+
+/// The client of the binding `reply` and its connection's entry, if live and still using it.
+#[inline(always)]
+fn binding(reply: &CtKey, now: u64) -> Option<(Endpoint, CtEntry)> {
     // SAFETY: copied out at once.
     let client = unsafe { XLB_NAT.get(reply) }.copied()?;
     let connection =
         CtKey { saddr: client.addr, sport: client.port, daddr: reply.saddr, dport: reply.sport, ..*reply };
     let entry = conntrack::get(&connection, now)?;
     (entry.snat_addr == reply.daddr && entry.snat_port == reply.dport)
-        .then_some(Endpoint { addr: client.addr, port: client.port })
+        .then_some((Endpoint { addr: client.addr, port: client.port }, entry))
+}
+
+/// Whether a new connection must leave the binding `reply` alone: its connection is live and
+/// was not reset. A reset connection's tuple is free at once (the backend has no socket left
+/// on it), as netfilter's NAT lets a new SYN reuse the tuple of a closed connection; without
+/// that, short connections ended by RST would hold every port for the closed timeout.
+#[inline(always)]
+fn is_held(reply: &CtKey, now: u64) -> bool {
+    binding(reply, now).is_some_and(|(_, entry)| entry.state != CT_STATE_CLOSED)
 }
 
 /// Binds the client's new connection `flow`, balanced to `backend`, to a free SNAT port on
@@ -58,9 +73,9 @@ pub fn allocate(flow: &Flow, backend: Endpoint, now: u64) -> Option<Endpoint> {
             _pad: [0; 3],
         };
         // NOEXIST: the port is taken if another connection to this backend holds it, unless
-        // that connection is over: then its binding is taken over.
+        // that connection is over or was reset: then its binding is taken over.
         if XLB_NAT.insert(reply, client, BPF_NOEXIST as u64).is_err() {
-            if client_of(&reply, now).is_some() {
+            if is_held(&reply, now) {
                 continue;
             }
             XLB_NAT.insert(reply, client, BPF_ANY as u64).ok()?;

@@ -14,7 +14,7 @@ use aya::{
 use lb_common::{
     affinity::{AffinityEntry, AffinityKey},
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN},
-    conntrack::{CtBackend, CtEntry, CtKey, CT_STATE_ESTABLISHED},
+    conntrack::{CtBackend, CtEntry, CtKey, CT_STATE_CLOSED, CT_STATE_ESTABLISHED},
     maps,
     nat::NatEntry,
     proto,
@@ -339,16 +339,16 @@ fn be(addr: SocketAddrV4) -> (u32, u16) {
     (u32::from(*addr.ip()).to_be(), addr.port().to_be())
 }
 
-/// Binds every SNAT port towards `POD_B` to another client; with `live`, each of those
-/// connections also has a fresh conntrack entry using its binding.
-fn bind_every_snat_port(h: &mut Harness, live: bool) {
+/// Binds every SNAT port towards `POD_B` to another client; with `live` a state, each of
+/// those connections also has a fresh conntrack entry in that state using its binding.
+fn bind_every_snat_port(h: &mut Harness, live: Option<u8>) {
     let now = monotonic_ns();
     for (i, port) in (SNAT_PORT_MIN..=SNAT_PORT_MAX).enumerate() {
         let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), 1024 + i as u16);
         let (addr, cport) = be(client);
         let reply = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, port, proto::TCP);
         h.nat.insert(reply, NatEntry { addr, port: cport, _pad: 0 }, 0).unwrap();
-        if live {
+        if let Some(state) = live {
             let key = CtKey::new(*client.ip(), client.port(), *POD_B.ip(), POD_B.port(), proto::TCP);
             let (fa, fp) = be(NP_REMOTE);
             let entry = CtEntry {
@@ -356,7 +356,7 @@ fn bind_every_snat_port(h: &mut Harness, live: bool) {
                 frontend_port: fp,
                 snat_addr: u32::from(NODE_A).to_be(),
                 snat_port: port.to_be(),
-                state: CT_STATE_ESTABLISHED,
+                state,
                 flags: 0,
                 stats_index: 0,
                 created_ns: now,
@@ -631,7 +631,22 @@ fn service_counters_add_every_packet_of_both_directions() {
 #[test]
 fn snat_ports_of_finished_connections_are_reused() {
     let mut h = Harness::new();
-    bind_every_snat_port(&mut h, false);
+    bind_every_snat_port(&mut h, None);
+    assert_snat_port_taken_over(&h);
+}
+
+/// A SNAT port held by a connection that was reset is free at once, though the reset
+/// connection's entry stays until its closed timeout: short connections ended by RST do not
+/// exhaust the SNAT range.
+#[test]
+fn snat_ports_of_reset_connections_are_reused() {
+    let mut h = Harness::new();
+    bind_every_snat_port(&mut h, Some(CT_STATE_CLOSED));
+    assert_snat_port_taken_over(&h);
+}
+
+/// A new connection through `NP_REMOTE` gets a SNAT port although every port was bound.
+fn assert_snat_port_taken_over(h: &Harness) {
     assert_frame(
         "SYN",
         h.run(Hook::XdpIngress, &frame::tcp(CLIENT, NP_REMOTE, SYN)),
@@ -649,7 +664,7 @@ fn snat_ports_of_finished_connections_are_reused() {
 #[test]
 fn new_connection_is_dropped_when_every_snat_port_is_live() {
     let mut h = Harness::new();
-    bind_every_snat_port(&mut h, true);
+    bind_every_snat_port(&mut h, Some(CT_STATE_ESTABLISHED));
     let input = frame::tcp(CLIENT, NP_REMOTE, SYN);
     assert_frame("SYN", h.run(Hook::XdpIngress, &input), XDP_DROP, &input);
 }
