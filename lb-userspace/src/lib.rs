@@ -10,6 +10,8 @@
 //! - `dataplane`: loading, attaching and pinning the programs (`loader`), and the one map
 //!   writer that diffs desired state, or only what changed in it, against the maps
 //!   (`writer`, with its `ids`), counters read back (`stats`).
+//! - `inspect`: `xlb inspect`: services, backends, connections, affinity and counters read
+//!   back from the pinned maps as typed rows, printed as a table or JSON.
 //! - `netif`: the node's interfaces and addresses, read in the agent's network namespace.
 //! - `health`: kube-proxy's health answers: `/healthz` and `/livez`, and one
 //!   healthCheckNodePort server per Service with externalTrafficPolicy Local.
@@ -18,6 +20,7 @@
 pub mod dataplane;
 pub mod desired;
 pub mod health;
+pub mod inspect;
 pub mod kubernetes;
 pub mod manifests;
 pub mod metrics;

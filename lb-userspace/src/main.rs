@@ -23,9 +23,27 @@ enum LogFormat {
 }
 
 #[derive(Subcommand)]
+// Parsed once: boxing the agent's flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the node agent: load and attach the programs, program the maps, keep them in sync.
     Agent(AgentArgs),
+    /// Print what the dataplane holds, read from the pinned maps: works while the agent runs
+    /// and after it stopped.
+    Inspect(InspectArgs),
+}
+
+#[derive(clap::Args)]
+struct InspectArgs {
+    /// What to print.
+    #[arg(value_enum)]
+    what: lb_userspace::inspect::What,
+    /// bpffs directory of the agent's pinned maps (its --bpffs-dir).
+    #[arg(long, default_value = "/sys/fs/bpf/xlb")]
+    bpffs_dir: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = lb_userspace::inspect::Format::Table)]
+    output: lb_userspace::inspect::Format,
 }
 
 #[derive(clap::Args)]
@@ -135,6 +153,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Command::Inspect(args) => {
+            let report = lb_userspace::inspect::read(&args.bpffs_dir, args.what)?;
+            use std::io::Write as _;
+            let mut stdout = std::io::stdout().lock();
+            match stdout.write_all(report.render(args.output)?.as_bytes()) {
+                // `xlb inspect conntrack | head` is not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+                result => result.context("writing to stdout"),
+            }
+        }
         Command::Agent(args) if args.cleanup => {
             lb_userspace::dataplane::cleanup(&args.bpffs_dir)
                 .with_context(|| format!("cleaning up {}", args.bpffs_dir.display()))?;
