@@ -33,7 +33,7 @@ use xlb_tests::{
 use crate::{
     iptables, load, nftables,
     results::Mode,
-    workload::{self, ServicePortRules, BACKEND_PORT, ENDPOINTS_PER_SERVICE, SERVICE_PORT},
+    workload::{self, ServicePortRules, BACKEND_PORT, SERVICE_PORT},
 };
 
 /// Backend pods per node.
@@ -45,7 +45,8 @@ const API_PORT: u16 = 6443;
 /// Where `verify_all` stops counting.
 pub const VERIFY_MAX_FAILURES: usize = 10;
 /// How long programming may take before the benchmark gives up on a mode.
-const PROGRAM_DEADLINE: Duration = Duration::from_secs(120);
+/// (iptables-restore alone takes about 110 s for 10,000 Services on 2 cores.)
+const PROGRAM_DEADLINE: Duration = Duration::from_secs(300);
 
 /// Where a connection comes from and what it addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +76,9 @@ pub struct BenchCluster {
     backends: Vec<(String, Ipv4Addr)>,
     /// The Services of the current size, as last programmed.
     services: Vec<(Service, EndpointSlice)>,
+    /// `services` as the rule generators read them, kept up to date outside the timed steps
+    /// (kube-proxy, too, has its Service map at hand when a sync starts).
+    ports: Vec<ServicePortRules>,
     /// Which Services have their alternative endpoints (after `change_one`).
     changed: BTreeSet<usize>,
     active: Option<Mode>,
@@ -112,6 +116,7 @@ impl BenchCluster {
             kubeconfig,
             backends,
             services: Vec::new(),
+            ports: Vec::new(),
             changed: BTreeSet::new(),
             active: None,
         })
@@ -122,21 +127,16 @@ impl BenchCluster {
         assert!(self.active.is_none(), "set_services while {:?} is programmed", self.active);
         self.changed.clear();
         self.services = (0..n).map(|i| workload::service(i, &self.endpoint_ips(i))).collect();
+        self.ports = workload::service_ports(&workload::store(&self.services));
     }
 
     pub fn services(&self) -> usize {
         self.services.len()
     }
 
-    /// Service `i`'s endpoints: two on node-a and one on node-b, or after `change_one`, the
-    /// other three backends (two on node-b, one on node-a).
+    /// Service `i`'s endpoints (see `endpoint_picks`).
     fn endpoint_ips(&self, i: usize) -> Vec<Ipv4Addr> {
-        let changed = self.changed.contains(&i);
-        let (near, far) = if changed { (BACKENDS_PER_NODE, 0) } else { (0, BACKENDS_PER_NODE) };
-        let picks =
-            [near + i % BACKENDS_PER_NODE, near + (i + 1) % BACKENDS_PER_NODE, far + i % BACKENDS_PER_NODE];
-        debug_assert_eq!(picks.len(), ENDPOINTS_PER_SERVICE);
-        picks.iter().map(|&b| self.backends[b].1).collect()
+        endpoint_picks(i, self.changed.contains(&i)).into_iter().map(|b| self.backends[b].1).collect()
     }
 
     fn backend_names(&self, ips: &[Ipv4Addr]) -> BTreeSet<String> {
@@ -168,11 +168,11 @@ impl BenchCluster {
                 }
             }
             Mode::Iptables => {
-                let rules = iptables::first_sync(&self.ports());
+                let rules = iptables::first_sync(&self.ports);
                 self.on_every_node("iptables-restore", &["--noflush"], &rules)?;
             }
             Mode::Nftables => {
-                let rules = nftables::first_sync(&self.ports());
+                let rules = nftables::first_sync(&self.ports);
                 self.on_every_node("nft", &["-f", "-"], &rules)?;
             }
             Mode::Floor => unreachable!("returned above"),
@@ -185,26 +185,34 @@ impl BenchCluster {
     /// the time from the first write until a new connection reaches one of them.
     pub fn change_one(&mut self, i: usize) -> anyhow::Result<Duration> {
         let mode = self.active.context("change_one with no mode programmed")?;
-        let previous = self.ports();
         if !self.changed.insert(i) {
             self.changed.remove(&i);
         }
         let ips = self.endpoint_ips(i);
+        let (_, slice) = workload::service(i, &ips);
+        self.services[i].1 = slice.clone();
+        let changed = workload::service_ports(&workload::store(&self.services[i..=i]));
+        let previous = self.ports.clone();
+        for port in changed {
+            if let Some(old) =
+                self.ports.iter_mut().find(|p| (&p.service, &p.port_name) == (&port.service, &port.port_name))
+            {
+                *old = port;
+            }
+        }
         let expected = self.backend_names(&ips);
         let probe = self.probe(SocketAddrV4::new(workload::cluster_ip(i), SERVICE_PORT), expected)?;
         let began = Instant::now();
-        let (_, slice) = workload::service(i, &ips);
-        self.services[i].1 = slice.clone();
         match mode {
             Mode::Xlb => {
                 self.api.apply(slice);
             }
             Mode::Iptables => {
-                let rules = iptables::partial_sync(&self.ports(), &previous);
+                let rules = iptables::partial_sync(&self.ports, &previous);
                 self.on_every_node("iptables-restore", &["--noflush"], &rules)?;
             }
             Mode::Nftables => {
-                let rules = nftables::partial_sync(&self.ports(), &previous);
+                let rules = nftables::partial_sync(&self.ports, &previous);
                 self.on_every_node("nft", &["-f", "-"], &rules)?;
             }
             Mode::Floor => bail!("the floor has no Services to change"),
@@ -231,7 +239,7 @@ impl BenchCluster {
                 .take(VERIFY_MAX_FAILURES)
                 .count()
         })
-        .map_err(Into::into)
+        .context("probing from the client's namespace")
     }
 
     /// Removes what `program` set up, and every connection's state.
@@ -325,10 +333,6 @@ impl BenchCluster {
         Ok((rss_kib * 1024, map_bytes))
     }
 
-    fn ports(&self) -> Vec<ServicePortRules> {
-        workload::service_ports(&workload::store(&self.services))
-    }
-
     /// Starts both agents on the API server, which holds no Services yet, and waits for
     /// their first sync.
     fn start_agents(&mut self) -> anyhow::Result<()> {
@@ -390,6 +394,19 @@ impl BenchCluster {
     }
 }
 
+/// Which backends (0-2 on node-a, 3-5 on node-b) are Service `i`'s endpoints: two on node-a
+/// and one on node-b, or once `changed`, the other three (one on node-a, two on node-b): no
+/// endpoint in common, so a change is seen only once it is in place.
+fn endpoint_picks(i: usize, changed: bool) -> Vec<usize> {
+    let first =
+        [i % BACKENDS_PER_NODE, (i + 1) % BACKENDS_PER_NODE, BACKENDS_PER_NODE + i % BACKENDS_PER_NODE];
+    if changed {
+        (0..2 * BACKENDS_PER_NODE).filter(|b| !first.contains(b)).collect()
+    } else {
+        first.to_vec()
+    }
+}
+
 fn join<T>(handle: std::thread::JoinHandle<std::io::Result<anyhow::Result<T>>>) -> anyhow::Result<T> {
     handle.join().map_err(|_| anyhow::anyhow!("a probe panicked"))??
 }
@@ -405,4 +422,21 @@ fn clear<K: aya::Pod, V: aya::Pod>(pin: &std::path::Path) -> anyhow::Result<()> 
         let _ = map.remove(&key);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workload::ENDPOINTS_PER_SERVICE;
+
+    #[test]
+    fn a_change_moves_a_service_to_three_other_backends() {
+        for i in 0..12 {
+            let (before, after) = (endpoint_picks(i, false), endpoint_picks(i, true));
+            assert_eq!((before.len(), after.len()), (ENDPOINTS_PER_SERVICE, ENDPOINTS_PER_SERVICE));
+            assert!(before.iter().all(|b| !after.contains(b)), "Service {i}: {before:?} → {after:?}");
+            let on_node_a = |picks: &[usize]| picks.iter().filter(|&&b| b < BACKENDS_PER_NODE).count();
+            assert_eq!((on_node_a(&before), on_node_a(&after)), (2, 1), "Service {i}");
+        }
+    }
 }

@@ -115,8 +115,7 @@ pub fn service_ports(store: &Store) -> Vec<ServicePortRules> {
     for svc in store.services() {
         for port in &svc.ports {
             let mut endpoints: Vec<SocketAddrV4> = store
-                .slices()
-                .filter(|slice| slice.service == svc.id)
+                .service_slices(&svc.id)
                 .flat_map(|slice| {
                     let target =
                         slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol);
