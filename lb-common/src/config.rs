@@ -8,8 +8,11 @@ pub struct NodeConfig {
     /// (the node's primary IPv4 address), network byte order. 0 disables SNAT: such
     /// connections are then dropped rather than sent out with a source the reply cannot reach.
     pub snat_addr: u32,
-    /// Always 0.
-    pub _pad: u32,
+    /// `maps::LAYOUT_VERSION` of the agent that filled the maps, host byte order; 0 from
+    /// agents before layouts were versioned, whose layouts are those of version 1. The
+    /// programs never read it. It stays at bytes 4..8 in every future layout of this value,
+    /// so any later agent can read it from the pinned map.
+    pub layout_version: u32,
 }
 
 /// SNAT source ports. Above Linux's default ephemeral range (32768-60999) so a translated

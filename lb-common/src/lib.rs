@@ -276,10 +276,24 @@ mod tests {
 
     #[test]
     fn node_config_is_snat_address_in_network_order_and_zero_pad() {
-        let config = NodeConfig { snat_addr: be_addr(192, 168, 1, 10), _pad: 0 };
-        assert_eq!(bytes(&config), [192, 168, 1, 10, 0, 0, 0, 0]);
+        let config = NodeConfig { snat_addr: be_addr(192, 168, 1, 10), layout_version: 0x0102_0304 };
+        assert_eq!(bytes(&config), ne(&[&[192, 168, 1, 10], &0x0102_0304u32.to_ne_bytes()]));
+        // Where every later agent looks for the version the pinned maps have.
+        assert_eq!(offset_of!(NodeConfig, layout_version), 4);
         assert_eq!(bytes(&NodeConfig::default()), [0; 8]);
         assert_eq!(size_of::<NodeConfig>(), 8);
+    }
+
+    #[test]
+    fn every_map_has_a_layout_version_and_the_latest_change_is_the_current_version() {
+        use crate::maps::{layout_changed, ALL, DESIRED_STATE, LAYOUT_CHANGED, LAYOUT_VERSION};
+        let listed: Vec<&str> = LAYOUT_CHANGED.iter().map(|(name, _)| *name).collect();
+        assert_eq!(listed, ALL);
+        assert!(LAYOUT_CHANGED.iter().all(|(_, v)| (1..=LAYOUT_VERSION).contains(v)));
+        // A bump names the map it changed.
+        assert_eq!(LAYOUT_CHANGED.iter().map(|(_, v)| *v).max(), Some(LAYOUT_VERSION));
+        assert_eq!(layout_changed("XLB_UNKNOWN"), LAYOUT_VERSION);
+        assert!(DESIRED_STATE.iter().all(|name| ALL.contains(name)));
     }
 
     const SEC: u64 = 1_000_000_000;

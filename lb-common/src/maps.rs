@@ -35,6 +35,41 @@ pub const ALL: [&str; 10] = [
     SERVICE_STATS,
 ];
 
+/// The version of the maps' layouts. Bump it with every incompatible change to a map: its
+/// type or flags, or what its key or value holds (a field added, removed, resized, moved or
+/// read differently, e.g. in another byte order), and set that map's entry in
+/// `LAYOUT_CHANGED` to the new version. The agent records the version in
+/// `NodeConfig::layout_version` (`XLB_CONFIG`); a restarted agent reuses a pinned map only if
+/// its layout has not changed since the version recorded there and its type, key size, value
+/// size and flags are the ones the programs expect. Any other map is recreated (see "Upgrades"
+/// in docs/ARCHITECTURE.md).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Per map, the layout version in which its layout last changed.
+pub const LAYOUT_CHANGED: [(&str, u32); 10] = [
+    (SERVICES, 1),
+    (BACKENDS, 1),
+    (CT_SERVICE, 1),
+    (CONNTRACK, 1),
+    (NAT, 1),
+    (AFFINITY, 1),
+    (SOURCE_RANGES, 1),
+    (SOCK_REVNAT, 1),
+    (CONFIG, 1),
+    (SERVICE_STATS, 1),
+];
+
+/// The layout version in which map `name`'s layout last changed (`LAYOUT_VERSION` for a
+/// name not listed: treated as just changed).
+pub fn layout_changed(name: &str) -> u32 {
+    LAYOUT_CHANGED.iter().find(|(n, _)| *n == name).map_or(LAYOUT_VERSION, |(_, v)| *v)
+}
+
+/// The maps the agent fills from desired state: recreating one loses nothing, the agent
+/// writes it again. The others (conntrack, SNAT, affinity, socket reverse NAT) hold the state
+/// of live connections, which a recreated map loses.
+pub const DESIRED_STATE: [&str; 5] = [SERVICES, BACKENDS, SOURCE_RANGES, CONFIG, SERVICE_STATS];
+
 /// Frontends (`--max-services`): 10,000 Services with a few ports, each on a ClusterIP and
 /// on the node's addresses.
 pub const SERVICES_MAX: u32 = 65_536;

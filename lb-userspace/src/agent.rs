@@ -8,7 +8,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
-    sync::{mpsc, Arc, Mutex},
+    sync::{mpsc, Arc, Mutex, PoisonError},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -59,17 +59,25 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    // Held while the dataplane is loaded and attached, and during each sync: a SIGTERM ends
+    // the agent only between them.
+    let syncing = Arc::new(Mutex::new(()));
+    let starting = syncing.lock().unwrap_or_else(PoisonError::into_inner);
+    runtime.spawn(exit_on_signal(syncing.clone()));
     let mut dataplane = Dataplane::load_pinned(&config.bpffs_dir, config.map_sizes)
         .with_context(|| format!("loading the dataplane into {}", config.bpffs_dir.display()))?;
-    for interface in &config.external_interfaces {
-        for hook in [Hook::XdpIngress, Hook::TcEgress] {
-            dataplane.attach(hook, interface).with_context(|| format!("external interface {interface}"))?;
-        }
-    }
-    if let Some(cgroup) = &config.cgroup_path {
-        dataplane.attach_cgroup(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
+    // Programs whose maps were recreated (another layout) replace the running ones only once
+    // the first sync has filled those maps: until then the running programs keep serving.
+    let swap_pending = dataplane.has_staged_maps();
+    if swap_pending {
+        tracing::warn!(
+            "maps were recreated: the programs attached now keep serving with the pinned maps until the first sync has filled the new ones"
+        );
+    } else {
+        attach_node(&mut dataplane, &config)?;
     }
     let writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
+    drop(starting);
 
     let health = Arc::new(ProxyHealth::new(config.sync_period));
     let shared = Shared::new(Store::new(config.node_port_range.clone()), health.clone());
@@ -108,6 +116,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
     let health_servers = ServiceHealthServers::new(health, Ipv4Addr::UNSPECIFIED, runtime.handle().clone());
     SyncLoop {
         config: &config,
+        swap_pending,
         dataplane,
         writer,
         desired: desired::Incremental::default(),
@@ -116,9 +125,51 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         counted,
         health_servers,
         pods: BTreeSet::new(),
+        syncing,
     }
-    .run();
+    .run()
+}
+
+/// Attaches the programs to the external interfaces and the cgroup, swapping them into the
+/// links of an earlier agent.
+fn attach_node(dataplane: &mut Dataplane, config: &Config) -> anyhow::Result<()> {
+    for interface in &config.external_interfaces {
+        for hook in [Hook::XdpIngress, Hook::TcEgress] {
+            dataplane.attach(hook, interface).with_context(|| format!("external interface {interface}"))?;
+        }
+    }
+    if let Some(cgroup) = &config.cgroup_path {
+        dataplane.attach_cgroup(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
+    }
     Ok(())
+}
+
+/// Ends the agent on SIGTERM (the kubelet stopping its Pod) or SIGINT, once no sync is under
+/// way, with a clean exit. The dataplane stays as it is: the programs stay attached through
+/// their pinned links and the pinned maps keep the Services and the tracked connections, so
+/// traffic keeps flowing without an agent until the next one swaps its programs in. Only
+/// `xlb agent --cleanup` removes them.
+async fn exit_on_signal(syncing: Arc<Mutex<()>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => (term, int),
+        (Err(error), _) | (_, Err(error)) => {
+            return tracing::error!(%error, "installing the SIGTERM handler");
+        }
+    };
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    let _ = tokio::task::spawn_blocking(move || {
+        let _idle = syncing.lock().unwrap_or_else(PoisonError::into_inner);
+        tracing::info!(
+            signal = name,
+            "exiting; the programs stay attached and the maps pinned (`xlb agent --cleanup` removes them)"
+        );
+        std::process::exit(0);
+    })
+    .await;
 }
 
 fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
@@ -233,6 +284,9 @@ fn read_dataplane(dir: PathBuf, counted: Counted) -> Box<dyn Fn() -> DataplaneSt
 
 struct SyncLoop<'a> {
     config: &'a Config,
+    /// The programs are not attached yet: the maps recreated for them are filled by the
+    /// first sync, then swapped in, then the programs attached.
+    swap_pending: bool,
     dataplane: Dataplane,
     writer: MapWriter,
     desired: desired::Incremental,
@@ -241,10 +295,14 @@ struct SyncLoop<'a> {
     counted: Counted,
     health_servers: ServiceHealthServers,
     pods: BTreeSet<String>,
+    /// Held during a sync (see `exit_on_signal`).
+    syncing: Arc<Mutex<()>>,
 }
 
 impl SyncLoop<'_> {
-    fn run(mut self) {
+    /// Syncs until the process ends; returns only when the programs could not be attached
+    /// after the first sync.
+    fn run(mut self) -> anyhow::Result<()> {
         let mut next_full = Instant::now();
         let mut last_sync: Option<Instant> = None;
         loop {
@@ -259,7 +317,11 @@ impl SyncLoop<'_> {
             if let Some(wait) = last_sync.and_then(|t| self.config.min_sync_period.checked_sub(t.elapsed())) {
                 std::thread::sleep(wait);
             }
-            let full = Instant::now() >= next_full;
+            let syncing = Arc::clone(&self.syncing);
+            let _syncing = syncing.lock().unwrap_or_else(PoisonError::into_inner);
+            // An agent's first sync is a full one, even when waiting for the sources' first
+            // listing moved `next_full`.
+            let full = last_sync.is_none() || Instant::now() >= next_full;
             if full {
                 next_full = Instant::now() + self.config.sync_period;
                 if let Err(e) = self.writer.reread() {
@@ -270,7 +332,7 @@ impl SyncLoop<'_> {
                 self.desired = desired::Incremental::default();
             }
             let changed_at = self.shared.take_change();
-            self.sync(full);
+            self.sync(full)?;
             if let Some(at) = changed_at {
                 self.metrics.observe_programming_latency(at.elapsed());
             }
@@ -278,9 +340,9 @@ impl SyncLoop<'_> {
         }
     }
 
-    fn sync(&mut self, full: bool) {
+    fn sync(&mut self, full: bool) -> anyhow::Result<()> {
         let started = Instant::now();
-        if let Some(pattern) = &self.config.pod_interfaces {
+        if let Some(pattern) = self.config.pod_interfaces.as_ref().filter(|_| !self.swap_pending) {
             attach_pod_interfaces(&mut self.dataplane, pattern, &mut self.pods);
         }
         let addresses = netif::ipv4_addresses().unwrap_or_else(|e| {
@@ -311,6 +373,15 @@ impl SyncLoop<'_> {
         for failure in &report.failures {
             tracing::error!("map write failed: {failure}");
         }
+        if self.swap_pending {
+            self.dataplane.swap_in_staged_maps().context("swapping in the recreated maps")?;
+            attach_node(&mut self.dataplane, self.config)?;
+            if let Some(pattern) = &self.config.pod_interfaces {
+                attach_pod_interfaces(&mut self.dataplane, pattern, &mut self.pods);
+            }
+            self.swap_pending = false;
+            tracing::info!("the new programs and their maps replaced the running ones");
+        }
         self.metrics.count_map_write_failures(report.failures.len() as u64);
         if let Ok(mut counted) = self.counted.lock() {
             *counted = Arc::clone(self.writer.counted());
@@ -338,6 +409,7 @@ impl SyncLoop<'_> {
                 "synced"
             );
         }
+        Ok(())
     }
 }
 

@@ -424,12 +424,23 @@ impl Testbed {
 
     /// Stops node `i`'s agent (SIGTERM, then wait). Its programs stay attached.
     pub fn stop_agent(&mut self, i: usize) -> anyhow::Result<()> {
-        if let Some(Some(mut agent)) = self.agents.get_mut(i).map(Option::take) {
-            // SAFETY: signalling a child we own.
-            unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
-            agent.wait()?;
+        self.signal_agent(i, libc::SIGTERM).map(drop)
+    }
+
+    /// Sends `signal` (e.g. SIGTERM, SIGKILL) to node `i`'s agent and waits until it has
+    /// exited and is reaped: when this returns, the process is gone. Its exit status, or
+    /// `None` when no agent ran.
+    pub fn signal_agent(
+        &mut self,
+        i: usize,
+        signal: libc::c_int,
+    ) -> anyhow::Result<Option<std::process::ExitStatus>> {
+        let Some(Some(mut agent)) = self.agents.get_mut(i).map(Option::take) else { return Ok(None) };
+        // SAFETY: signalling a child we own and have not reaped yet.
+        if unsafe { libc::kill(agent.id() as i32, signal) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling the agent");
         }
-        Ok(())
+        Ok(Some(agent.wait()?))
     }
 
     /// Runs `xlb agent --cleanup` for node `i`: detaches and unpins everything it made.

@@ -2,7 +2,10 @@
 //!
 //! Layout under `--bpffs-dir`:
 //! - `<MAP_NAME>`: every map of `lb_common::maps::ALL`, reused when already pinned, so a
-//!   restarted agent keeps the services, backends and connections of the one before;
+//!   restarted agent keeps the services, backends and connections of the one before. A
+//!   pinned map whose layout the programs cannot use (`layout`) is recreated as
+//!   `<MAP_NAME>-new` and replaces the old pin only once the agent has filled it
+//!   (`swap_in_staged_maps`), right before the new programs go into the links;
 //! - `links/<hook>@<interface>`: one bpf_link per attachment. A restarted agent swaps its
 //!   program into the existing link atomically (`bpf_link_update`): no packet goes unhandled.
 //! - `links/<sock hook>@cgroup`: the socket balancing programs on the `--cgroup-path`
@@ -25,7 +28,7 @@ use aya::{
 };
 use lb_common::maps;
 
-use super::EBPF_OBJECT;
+use super::{layout, EBPF_OBJECT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -41,6 +44,8 @@ pub enum DataplaneError {
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: aya::maps::MapError },
+    #[error("map {name}: unexpected type {found}")]
+    MapType { name: &'static str, found: String },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -88,6 +93,10 @@ const SOCKET_PROGRAMS: [&str; 4] =
 pub struct Dataplane {
     ebpf: Ebpf,
     links_dir: Option<PathBuf>,
+    /// The `--bpffs-dir`, when pinned.
+    dir: Option<PathBuf>,
+    /// Maps recreated under their staging names, not swapped in yet (`XLB_CONFIG` last).
+    staged: Vec<&'static str>,
 }
 
 /// Map sizes: the agent's `--max-services`, `--max-backends` and `--conntrack-size`.
@@ -105,32 +114,48 @@ impl Default for MapSizes {
     }
 }
 
+impl MapSizes {
+    /// The entries map `name` is created with.
+    pub fn max_entries(&self, name: &str) -> u32 {
+        match name {
+            maps::SERVICES => self.services,
+            maps::BACKENDS => self.backends,
+            maps::CT_SERVICE | maps::CONNTRACK | maps::NAT => self.conntrack,
+            // Counters are per Service port, never more than frontends (a u16 index).
+            maps::SERVICE_STATS => self.services.min(lb_common::stats::SERVICE_STATS_MAX),
+            maps::AFFINITY => maps::AFFINITY_MAX,
+            maps::SOURCE_RANGES => maps::SOURCE_RANGES_MAX,
+            maps::SOCK_REVNAT => maps::SOCK_REVNAT_MAX,
+            // XLB_CONFIG: one slot.
+            _ => 1,
+        }
+    }
+}
+
 fn loader<'a>(sizes: MapSizes) -> EbpfLoader<'a> {
     let mut loader = EbpfLoader::new();
-    loader
-        .map_max_entries(maps::SERVICES, sizes.services)
-        .map_max_entries(maps::BACKENDS, sizes.backends)
-        .map_max_entries(maps::CT_SERVICE, sizes.conntrack)
-        .map_max_entries(maps::CONNTRACK, sizes.conntrack)
-        .map_max_entries(maps::NAT, sizes.conntrack)
-        // Counters are per Service port, never more than frontends (a u16 index).
-        .map_max_entries(maps::SERVICE_STATS, sizes.services.min(lb_common::stats::SERVICE_STATS_MAX));
+    for name in maps::ALL {
+        loader.map_max_entries(name, sizes.max_entries(name));
+    }
     loader
 }
 
 impl Dataplane {
-    /// Loads the programs with every map pinned under `dir` (reusing pinned maps).
-    /// A map pinned by an earlier agent keeps its size: pinned maps are reused as they are.
+    /// Loads the programs with every map pinned under `dir`, reusing the pinned maps whose
+    /// layout they can use (`layout::plan`; a connection table keeps its size). The others
+    /// are created under staging names: the programs must then not replace the running ones
+    /// before the agent has filled them and called `swap_in_staged_maps`.
     pub fn load_pinned(dir: &Path, sizes: MapSizes) -> Result<Self> {
         let links_dir = dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(io_err(&links_dir))?;
-        let pins: Vec<(&str, PathBuf)> = maps::ALL.iter().map(|m| (*m, dir.join(m))).collect();
+        let staged = layout::plan(dir, sizes)?;
         let mut loader = loader(sizes);
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
+        for name in maps::ALL {
+            let path = if staged.contains(&name) { layout::staged_pin(dir, name) } else { dir.join(name) };
+            loader.map_pin_path(name, path);
         }
         let ebpf = loader.load(EBPF_OBJECT)?;
-        let mut dp = Self { ebpf, links_dir: Some(links_dir) };
+        let mut dp = Self { ebpf, links_dir: Some(links_dir), dir: Some(dir.to_owned()), staged };
         dp.load_programs()?;
         Ok(dp)
     }
@@ -138,9 +163,30 @@ impl Dataplane {
     /// Loads the programs with private maps: for BPF_PROG_TEST_RUN, nothing is attached.
     pub fn load_unpinned(sizes: MapSizes) -> Result<Self> {
         let ebpf = loader(sizes).load(EBPF_OBJECT)?;
-        let mut dp = Self { ebpf, links_dir: None };
+        let mut dp = Self { ebpf, links_dir: None, dir: None, staged: Vec::new() };
         dp.load_programs()?;
         Ok(dp)
+    }
+
+    /// Whether maps were recreated under staging names (their pinned layout did not fit):
+    /// then the running programs keep serving with the pinned maps until the agent has
+    /// filled the new ones and swapped them in (`swap_in_staged_maps`), and only then may
+    /// these programs be attached.
+    pub fn has_staged_maps(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
+    /// Moves the recreated maps to their names, replacing the old pins (the programs still
+    /// running keep their maps until they are replaced), `XLB_CONFIG`, which records the
+    /// layout version, last.
+    pub fn swap_in_staged_maps(&mut self) -> Result<()> {
+        let Some(dir) = &self.dir else { return Ok(()) };
+        for name in std::mem::take(&mut self.staged) {
+            let (staged, pin) = (layout::staged_pin(dir, name), dir.join(name));
+            std::fs::rename(&staged, &pin).map_err(io_err(&pin))?;
+            tracing::info!("map {name}: the recreated map replaced the pinned one");
+        }
+        Ok(())
     }
 
     fn load_programs(&mut self) -> Result<()> {
@@ -313,8 +359,8 @@ pub fn cleanup(dir: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err(&links_dir)(e)),
     }
-    for name in maps::ALL {
-        let path = dir.join(name);
+    let pins = maps::ALL.into_iter().flat_map(|name| [dir.join(name), layout::staged_pin(dir, name)]);
+    for path in pins {
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}

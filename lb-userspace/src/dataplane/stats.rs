@@ -86,7 +86,7 @@ pub fn table_fill(dir: &Path) -> Result<Vec<TableFill>, DataplaneError> {
 
 /// Walks the keys with BPF_MAP_GET_NEXT_KEY, which works on every map type and does not
 /// need the key type (aya's iterators do).
-fn count_entries(map: &MapData, key_size: usize) -> Result<u64, MapError> {
+pub(super) fn count_entries(map: &MapData, key_size: usize) -> Result<u64, MapError> {
     const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
     /// `union bpf_attr` for map element commands.
     #[repr(C)]

@@ -458,8 +458,11 @@ impl MapWriter {
                 }
             }
         }
-        let node_config =
-            NodeConfig { snat_addr: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()), _pad: 0 };
+        // The layout version marks the maps as filled by an agent of this version.
+        let node_config = NodeConfig {
+            snat_addr: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()),
+            layout_version: maps::LAYOUT_VERSION,
+        };
         if node_config != self.node_config {
             match self.config.set(0, node_config, 0) {
                 Ok(()) => {
@@ -636,8 +639,9 @@ mod tests {
             let name = format!("svc{n}");
             apply(&mut store, &(nodeport(&name, n, "") + &slice(&name, &["10.244.1.1", "10.244.1.2"])));
         }
-        // 10 Services: 2 frontends and 2 slots each.
-        assert_eq!(sync(&mut w, &mut store, &mut desired), (40, 0));
+        // 10 Services: 2 frontends and 2 slots each; and the node config, with the layout
+        // version.
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (41, 0));
         // Drift the maps by hand: a changes-only sync does not look there.
         let svc9 = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 9), 80, TCP);
         w.services.remove(&svc9).unwrap();
