@@ -16,6 +16,9 @@ use crate::{
 pub trait Packet: Sized {
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
+    /// The frame's length in bytes, all of it: for TC, paged data included (`data_end`
+    /// bounds only the linear part).
+    fn frame_len(&self) -> usize;
     /// Sets the IPv4 address at `off` (source or destination) to `new`, fixing the IPv4
     /// header checksum and the TCP/UDP pseudo-header checksum.
     fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()>;
@@ -62,6 +65,11 @@ impl Packet for XdpContext {
     fn data_end(&self) -> usize {
         // SAFETY: as above.
         unsafe { fresh(&(*self.ctx).data_end) }
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        // Loaded without multi-buffer support: the frame is all in one buffer.
+        self.data_end() - self.data()
     }
 
     #[inline(always)]
@@ -126,6 +134,10 @@ impl Packet for TcContext {
     fn data_end(&self) -> usize {
         // SAFETY: as above.
         unsafe { fresh(&(*self.skb.skb).data_end) }
+    }
+    #[inline(always)]
+    fn frame_len(&self) -> usize {
+        self.len() as usize
     }
 
     #[inline(always)]

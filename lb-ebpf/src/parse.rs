@@ -18,6 +18,7 @@ pub const L4_SPORT_OFF: usize = 0;
 pub const L4_DPORT_OFF: usize = 2;
 pub const TCP_CSUM_OFF: usize = 16;
 pub const UDP_CSUM_OFF: usize = 6;
+const TCP_DATA_OFFSET_OFF: usize = 12;
 const TCP_FLAGS_OFF: usize = 13;
 const TCP_MIN_LEN: usize = 20;
 /// UDP header; also the L4 bytes an ICMP error quotes at least (RFC 792).
@@ -140,11 +141,11 @@ fn ipv4<P: Packet>(pkt: &P, l3: usize) -> Option<(usize, usize, u8, u32, u32)> {
     Some((ihl, total_len, proto, saddr, daddr))
 }
 
-/// Ports and TCP flags of the L4 header at `l4`, read through one checked pointer.
-/// `full_header`: the whole fixed TCP header must be present (a packet to translate); an ICMP
-/// error quotes only 8 bytes, enough for the ports.
+/// Ports, TCP flags and TCP header length of the L4 header at `l4`, read through one checked
+/// pointer. `full_header`: the whole fixed TCP header must be present (a packet to translate;
+/// flags and length are 0 otherwise); an ICMP error quotes only 8 bytes, enough for the ports.
 #[inline(always)]
-fn ports<P: Packet>(pkt: &P, l4: usize, proto: u8, full_header: bool) -> Option<(u16, u16, u8)> {
+fn ports<P: Packet>(pkt: &P, l4: usize, proto: u8, full_header: bool) -> Option<(u16, u16, u8, usize)> {
     let tcp_header = if proto == proto::TCP && full_header {
         Some(ptr_at::<[u8; TCP_MIN_LEN], P>(pkt, l4)? as *const u8)
     } else {
@@ -160,13 +161,14 @@ fn ports<P: Packet>(pkt: &P, l4: usize, proto: u8, full_header: bool) -> Option<
             header.add(L4_SPORT_OFF).cast::<u16>().read_unaligned(),
             header.add(L4_DPORT_OFF).cast::<u16>().read_unaligned(),
             if tcp_header.is_some() { header.add(TCP_FLAGS_OFF).read() } else { 0 },
+            if tcp_header.is_some() { (header.add(TCP_DATA_OFFSET_OFF).read() >> 4) as usize * 4 } else { 0 },
         ))
     }
 }
 
 /// Parses Ethernet + IPv4 + TCP/UDP, or an ICMP error about a TCP/UDP packet. `None` for
 /// everything the balancer leaves alone: other ethertypes and protocols, fragments,
-/// malformed or truncated headers.
+/// malformed or truncated headers, packets that did not arrive whole.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
     if u16::from_be(read::<u16, P>(pkt, 12)?) != ETH_P_IP {
@@ -174,13 +176,20 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
     }
     let l3 = ETH_HLEN;
     let (ihl, total_len, proto, saddr, daddr) = ipv4(pkt, l3)?;
+    // The kernel drops a packet whose total length is more than arrived (ip_rcv_core): it
+    // must not open, touch or close a connection, nor count.
+    if l3 + total_len > pkt.frame_len() {
+        return None;
+    }
     let l4 = l3 + ihl;
     match proto {
         proto::TCP | proto::UDP => {
-            if proto == proto::TCP && total_len < ihl + TCP_MIN_LEN {
+            let (sport, dport, tcp_flags, tcp_len) = ports(pkt, l4, proto, true)?;
+            // Nor is a TCP header shorter than 20 bytes or longer than the packet anything to
+            // act on (netfilter calls it INVALID, the receiver drops it).
+            if proto == proto::TCP && (tcp_len < TCP_MIN_LEN || ihl + tcp_len > total_len) {
                 return None;
             }
-            let (sport, dport, tcp_flags) = ports(pkt, l4, proto, true)?;
             Some(Parsed::Flow(Flow {
                 l3,
                 l4,
@@ -206,7 +215,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 return None;
             }
             let inner_l4 = inner_l3 + IP_HLEN;
-            let (sport, dport, _) = ports(pkt, inner_l4, inner_proto, false)?;
+            let (sport, dport, _, _) = ports(pkt, inner_l4, inner_proto, false)?;
             let inner = Flow {
                 l3: inner_l3,
                 l4: inner_l4,

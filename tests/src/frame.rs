@@ -1,7 +1,7 @@
 //! Ethernet + IPv4 + TCP/UDP frames with every checksum computed from scratch, for
 //! BPF_PROG_TEST_RUN fixtures: comparing a program's output with a frame built here checks
 //! the program's incremental checksum updates byte for byte.
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddrV4, SocketAddrV6};
 
 pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
@@ -9,6 +9,8 @@ pub const RST: u8 = 0x04;
 pub const ACK: u8 = 0x10;
 
 const ETH_P_IP: u16 = 0x0800;
+const ETH_P_ARP: u16 = 0x0806;
+const ETH_P_IPV6: u16 = 0x86dd;
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
 /// A payload that must come out as it went in.
@@ -27,10 +29,12 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
     !(s as u16)
 }
 
-fn ethernet(frame: &mut Vec<u8>) {
+const SOURCE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+
+fn ethernet(frame: &mut Vec<u8>, ethertype: u16) {
     frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // destination MAC
-    frame.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // source MAC
-    frame.extend_from_slice(&ETH_P_IP.to_be_bytes());
+    frame.extend_from_slice(&SOURCE_MAC);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
 }
 
 fn ipv4_header(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, l4_len: usize) -> [u8; 20] {
@@ -57,11 +61,11 @@ fn l4_checksum(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, segment: &[u8]) 
     checksum(&[&pseudo, segment])
 }
 
-/// A TCP segment with `flags` and the sentinel payload.
-pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+/// A TCP segment with `flags` and the sentinel payload, checksum 0.
+fn tcp_segment(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut seg = vec![0u8; 20];
-    seg[0..2].copy_from_slice(&src.port().to_be_bytes());
-    seg[2..4].copy_from_slice(&dst.port().to_be_bytes());
+    seg[0..2].copy_from_slice(&sport.to_be_bytes());
+    seg[2..4].copy_from_slice(&dport.to_be_bytes());
     seg[4..8].copy_from_slice(&1000u32.to_be_bytes());
     if flags & ACK != 0 {
         seg[8..12].copy_from_slice(&2000u32.to_be_bytes());
@@ -70,9 +74,49 @@ pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
     seg[13] = flags;
     seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
     seg.extend_from_slice(PAYLOAD);
+    seg
+}
+
+/// A TCP segment with `flags` and the sentinel payload.
+pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let mut seg = tcp_segment(src.port(), dst.port(), flags);
     let c = l4_checksum(src, dst, PROTO_TCP, &seg);
     seg[16..18].copy_from_slice(&c.to_be_bytes());
     packet(src, dst, PROTO_TCP, &seg)
+}
+
+/// The same TCP segment over IPv6, which the balancer leaves alone.
+pub fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
+    let mut seg = tcp_segment(src.port(), dst.port(), flags);
+    let mut pseudo = Vec::with_capacity(40);
+    pseudo.extend_from_slice(&src.ip().octets());
+    pseudo.extend_from_slice(&dst.ip().octets());
+    pseudo.extend_from_slice(&(seg.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, PROTO_TCP]);
+    let c = checksum(&[&pseudo, &seg]);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    let mut frame = Vec::with_capacity(14 + 40 + seg.len());
+    ethernet(&mut frame, ETH_P_IPV6);
+    frame.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, no traffic class or flow label
+    frame.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[PROTO_TCP, 64]); // next header, hop limit
+    frame.extend_from_slice(&src.ip().octets());
+    frame.extend_from_slice(&dst.ip().octets());
+    frame.extend_from_slice(&seg);
+    frame
+}
+
+/// An ARP request, broadcast: who has `target`? Tell `sender`.
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&SOURCE_MAC);
+    frame.extend_from_slice(&ETH_P_ARP.to_be_bytes());
+    frame.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    frame.extend_from_slice(&SOURCE_MAC);
+    frame.extend_from_slice(&sender.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target.octets());
+    frame
 }
 
 /// A UDP datagram with the sentinel payload; `with_checksum: false` sends checksum 0.
@@ -94,7 +138,7 @@ pub fn udp(src: SocketAddrV4, dst: SocketAddrV4, with_checksum: bool) -> Vec<u8>
 
 fn packet(src: SocketAddrV4, dst: SocketAddrV4, proto: u8, segment: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(14 + 20 + segment.len());
-    ethernet(&mut frame);
+    ethernet(&mut frame, ETH_P_IP);
     frame.extend_from_slice(&ipv4_header(src, dst, proto, segment.len()));
     frame.extend_from_slice(segment);
     frame
@@ -116,6 +160,16 @@ pub fn icmp_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4
     msg[2..4].copy_from_slice(&c.to_be_bytes());
     packet(SocketAddrV4::new(src, 0), SocketAddrV4::new(dst, 0), PROTO_ICMP, &msg)
 }
+
+/// The second word of an ICMP "fragmentation needed": unused, then the next-hop MTU.
+pub fn next_hop_mtu(mtu: u16) -> [u8; 4] {
+    let [hi, lo] = mtu.to_be_bytes();
+    [0, 0, hi, lo]
+}
+
+/// More L4 bytes than any fixture has, for `quote`: the whole packet, as routers quote as
+/// much as fits (RFC 1812).
+pub const WHOLE: usize = 1500;
 
 /// The IPv4 packet of a frame built here, cut after `l4_bytes` of its TCP/UDP header: what an
 /// ICMP error quotes.
@@ -163,6 +217,9 @@ pub mod offset {
     pub const IP_FLAGS_FRAG: usize = 20;
     pub const L4: usize = 34;
 }
+
+/// Four IPv4 "no operation" options: a valid header of 24 bytes (IHL 6).
+pub const NOP_OPTIONS: [u8; 4] = [1, 1, 1, 1];
 
 /// `frame` (built here) with `options` (a multiple of 4 bytes, at most 40) after its 20-byte
 /// IPv4 header: header length, total length and header checksum fixed. The TCP/UDP checksum

@@ -1,6 +1,7 @@
 //! Test support for xlb: a small Kubernetes-like cluster made of network namespaces
 //! (`testbed`), code that runs inside a namespace (`netns`), the kiada client (`kiada`),
-//! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the kiada scenario shared by
+//! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the programs under
+//! BPF_PROG_TEST_RUN with the fixture cluster (`harness`), the kiada scenario shared by
 //! the demo and the tests (`scenario`), requests from any of the cluster's namespaces
 //! (`traffic`) and a small Kubernetes API server for the agent to follow (`apiserver`).
 //!
@@ -8,6 +9,7 @@
 //! is created in the root network namespace.
 pub mod apiserver;
 pub mod frame;
+pub mod harness;
 pub mod kiada;
 pub mod netns;
 pub mod scenario;

@@ -7,371 +7,35 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
 };
 
-use aya::{
-    maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
-};
 use lb_common::{
-    affinity::{AffinityEntry, AffinityKey},
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN},
-    conntrack::{CtBackend, CtEntry, CtKey, CT_STATE_CLOSED, CT_STATE_ESTABLISHED},
-    maps,
-    nat::NatEntry,
+    conntrack::{CtKey, CT_STATE_CLOSED, CT_STATE_ESTABLISHED},
     proto,
 };
-use lb_userspace::{
-    dataplane::{Dataplane, Hook, MapSizes, MapWriter},
-    desired::{self, NodeContext},
-    manifests,
-    model::Store,
+use lb_userspace::dataplane::Hook;
+use xlb_tests::{
+    frame::{self, next_hop_mtu, offset, ACK, NOP_OPTIONS, RST, SYN, WHOLE},
+    harness::*,
 };
-use xlb_tests::frame::{self, offset, ACK, SYN};
-
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
-const TC_ACT_REDIRECT: u32 = 7;
-
-const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-const CLIENT: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 100), 40000);
-const POD_A: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 10), 8080);
-const POD_A_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 10), 5353);
-const POD_A2: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 11), 45000);
-const POD_B: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 2, 10), 8080);
-/// NodePort of `local` (endpoint on this node), `remote` (on node-b) and `empty` (none).
-const NP_LOCAL: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30080);
-const NP_REMOTE: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30081);
-const NP_EMPTY: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30082);
-const NP_EMPTY_UDP: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30083);
-const CIP_LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 80);
-const CIP_LOCAL_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 1), 53);
-const CIP_REMOTE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 2), 80);
-const CIP_EMPTY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 3), 80);
-const CIP_EMPTY_DNS: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 3), 53);
-/// node-b, where `POD_B` runs.
-const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
-/// A router between the nodes.
-const ROUTER: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
-
-const CLUSTER: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: local, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.1
-  ports:
-  - {name: http, port: 80, nodePort: 30080, targetPort: 8080, protocol: TCP}
-  - {name: dns, port: 53, targetPort: 5353, protocol: UDP}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: local-1, namespace: default, labels: {kubernetes.io/service-name: local}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}, {name: dns, port: 5353, protocol: UDP}]
-endpoints: [{addresses: [198.18.1.10], nodeName: node-a}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: remote, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.2
-  ports: [{name: http, port: 80, nodePort: 30081, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: remote-1, namespace: default, labels: {kubernetes.io/service-name: remote}}
-addressType: IPv4
-ports: [{name: http, port: 8080, protocol: TCP}]
-endpoints: [{addresses: [198.18.2.10], nodeName: node-b}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.3
-  ports:
-  - {name: http, port: 80, nodePort: 30082, targetPort: 8080}
-  - {name: dns, port: 53, nodePort: 30083, targetPort: 5353, protocol: UDP}
-"#;
-
-/// Frontends of the Services in `POLICIES`.
-const NP_ETP_LOCAL: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30090);
-const NP_ETP_AWAY: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30091);
-const CIP_ITP_LOCAL: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 12), 80);
-const CIP_ITP_AWAY: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 0, 13), 80);
-const NP_STICKY: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30094);
-const LB_RANGES: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 1, 1), 80);
-const NP_RANGES: SocketAddrV4 = SocketAddrV4::new(NODE_A, 30095);
-const EXTERNAL_IP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 19, 2, 2), 80);
-/// The three endpoints of `sticky`, all on node-a.
-const STICKY_PODS: [SocketAddrV4; 3] = [
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 20), 8080),
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 21), 8080),
-    SocketAddrV4::new(Ipv4Addr::new(198, 18, 1, 22), 8080),
-];
-/// A client outside `lb-ranges`' loadBalancerSourceRanges (198.18.0.0/24).
-const OUTSIDER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 5, 5), 40000);
-/// `sticky`'s sessionAffinityConfig.clientIP.timeoutSeconds.
-const STICKY_TIMEOUT_S: u64 = 10;
-
-/// Traffic policies, session affinity, LoadBalancer source ranges and externalIPs, each on a
-/// Service of its own. `POD_A` (198.18.1.10) runs on node-a, `POD_B` (198.18.2.10) on node-b.
-const POLICIES: &str = r#"
-apiVersion: v1
-kind: Service
-metadata: {name: etp-local, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.10
-  externalTrafficPolicy: Local
-  ports: [{name: http, port: 80, nodePort: 30090, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: etp-local-1, namespace: default, labels: {kubernetes.io/service-name: etp-local}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.1.10], nodeName: node-a}, {addresses: [198.18.2.10], nodeName: node-b}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: etp-away, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.11
-  externalTrafficPolicy: Local
-  ports: [{name: http, port: 80, nodePort: 30091, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: etp-away-1, namespace: default, labels: {kubernetes.io/service-name: etp-away}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.2.10], nodeName: node-b}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: itp-local, namespace: default}
-spec:
-  clusterIP: 198.19.0.12
-  internalTrafficPolicy: Local
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: itp-local-1, namespace: default, labels: {kubernetes.io/service-name: itp-local}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.1.10], nodeName: node-a}, {addresses: [198.18.2.10], nodeName: node-b}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: itp-away, namespace: default}
-spec:
-  clusterIP: 198.19.0.13
-  internalTrafficPolicy: Local
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: itp-away-1, namespace: default, labels: {kubernetes.io/service-name: itp-away}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.2.10], nodeName: node-b}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: default}
-spec:
-  type: NodePort
-  clusterIP: 198.19.0.14
-  sessionAffinity: ClientIP
-  sessionAffinityConfig: {clientIP: {timeoutSeconds: 10}}
-  ports: [{name: http, port: 80, nodePort: 30094, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: sticky-1, namespace: default, labels: {kubernetes.io/service-name: sticky}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints:
-- {addresses: [198.18.1.20], nodeName: node-a}
-- {addresses: [198.18.1.21], nodeName: node-a}
-- {addresses: [198.18.1.22], nodeName: node-a}
----
-apiVersion: v1
-kind: Service
-metadata: {name: lb-ranges, namespace: default}
-spec:
-  type: LoadBalancer
-  clusterIP: 198.19.0.15
-  loadBalancerSourceRanges: [198.18.0.0/24]
-  ports: [{name: http, port: 80, nodePort: 30095, targetPort: 8080}]
-status:
-  loadBalancer:
-    ingress: [{ip: 198.19.1.1}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: lb-ranges-1, namespace: default, labels: {kubernetes.io/service-name: lb-ranges}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.1.10], nodeName: node-a}]
----
-apiVersion: v1
-kind: Service
-metadata: {name: external-ip, namespace: default}
-spec:
-  clusterIP: 198.19.0.16
-  externalIPs: [198.19.2.2]
-  ports: [{name: http, port: 80, targetPort: 8080}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {name: external-ip-1, namespace: default, labels: {kubernetes.io/service-name: external-ip}}
-addressType: IPv4
-ports: [{name: http, port: 8080}]
-endpoints: [{addresses: [198.18.1.10], nodeName: node-a}]
-"#;
-
-/// The programs of node-a with private maps, seeded with `CLUSTER` or another fixture.
-struct Harness {
-    dp: Dataplane,
-    conntrack: HashMap<MapData, CtKey, CtEntry>,
-    ct_service: HashMap<MapData, CtKey, CtBackend>,
-    nat: HashMap<MapData, CtKey, NatEntry>,
-    affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
-    writer: MapWriter,
-}
-
-impl Harness {
-    fn new() -> Self {
-        Self::with(CLUSTER)
-    }
-
-    /// The programs with their maps seeded from the manifests in `yaml`.
-    fn with(yaml: &str) -> Self {
-        // Room for every SNAT port of one backend, twice (see the SNAT exhaustion tests).
-        let sizes = MapSizes { conntrack: 16_384, ..MapSizes::default() };
-        let mut dp = Dataplane::load_unpinned(sizes).expect("load programs (needs root)");
-        let mut writer = MapWriter::open(&mut dp).expect("maps");
-        let mut store = Store::default();
-        let parsed = manifests::parse_str(yaml).expect("fixture YAML");
-        assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-        for object in parsed.objects {
-            store.apply(&object, "fixture").expect("valid fixture");
-        }
-        let node = NodeContext { name: "node-a", addrs: &[NODE_A], default_snat_addr: Some(NODE_A) };
-        let report = writer.sync(&desired::compute(&store, &node));
-        assert!(report.failures.is_empty(), "{:?}", report.failures);
-        let conntrack = dp.take_map(maps::CONNTRACK).unwrap().try_into().unwrap();
-        let ct_service = dp.take_map(maps::CT_SERVICE).unwrap().try_into().unwrap();
-        let nat = dp.take_map(maps::NAT).unwrap().try_into().unwrap();
-        let affinity = dp.take_map(maps::AFFINITY).unwrap().try_into().unwrap();
-        Self { dp, conntrack, ct_service, nat, affinity, writer }
-    }
-
-    /// Runs `hook`'s program on `input`: (verdict, output frame).
-    fn run(&self, hook: Hook, input: &[u8]) -> (u32, Vec<u8>) {
-        let program = self.dp.program(hook).expect("program");
-        let mut out = vec![0u8; input.len() + 256];
-        let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
-        let result = match hook {
-            Hook::XdpIngress => <&Xdp>::try_from(program).unwrap().test_run(opts),
-            Hook::TcIngress | Hook::TcEgress => <&SchedClassifier>::try_from(program).unwrap().test_run(opts),
-        }
-        .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {hook:?} on a {}-byte frame: {e}", input.len()));
-        out.truncate(result.data_size_out as usize);
-        (result.return_value, out)
-    }
-
-    fn entries(&self) -> usize {
-        self.conntrack.keys().count() + self.ct_service.keys().count() + self.nat.keys().count()
-    }
-
-    /// The connection `client → backend` (after DNAT).
-    fn connection(&self, client: SocketAddrV4, backend: SocketAddrV4, proto: u8) -> CtEntry {
-        let key = CtKey::new(*client.ip(), client.port(), *backend.ip(), backend.port(), proto);
-        self.conntrack.get(&key, 0).expect("conntrack entry")
-    }
-
-    /// The backend the connection `client → frontend` was given.
-    fn backend_of(&self, client: SocketAddrV4, frontend: SocketAddrV4, proto: u8) -> SocketAddrV4 {
-        let key = CtKey::new(*client.ip(), client.port(), *frontend.ip(), frontend.port(), proto);
-        let backend = self.ct_service.get(&key, 0).expect("service conntrack entry");
-        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(backend.addr)), u16::from_be(backend.port))
-    }
-
-    /// The one session affinity entry of `client`.
-    fn affinity_of(&self, client: Ipv4Addr) -> (AffinityKey, AffinityEntry) {
-        let entries: Vec<_> = self
-            .affinity
-            .iter()
-            .map(|e| e.expect("affinity entry"))
-            .filter(|(key, _)| key.client_addr == u32::from(client).to_be())
-            .collect();
-        assert_eq!(entries.len(), 1, "affinity entries of {client}: {entries:?}");
-        entries[0]
-    }
-
-    /// The SNAT source the egress program will use for the DNATed tuple `client → backend`.
-    fn snat_source(&self, client: SocketAddrV4, backend: SocketAddrV4) -> SocketAddrV4 {
-        let entry = self.connection(client, backend, proto::TCP);
-        assert_ne!(entry.snat_addr, 0, "the connection is SNATed");
-        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(entry.snat_addr)), u16::from_be(entry.snat_port))
-    }
-}
-
-/// `bpf_ktime_get_ns()` as seen from user space.
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-fn be(addr: SocketAddrV4) -> (u32, u16) {
-    (u32::from(*addr.ip()).to_be(), addr.port().to_be())
-}
 
 /// Binds every SNAT port towards `POD_B` to another client; with `live` a state, each of
 /// those connections also has a fresh conntrack entry in that state using its binding.
 fn bind_every_snat_port(h: &mut Harness, live: Option<u8>) {
     let now = monotonic_ns();
     for (i, port) in (SNAT_PORT_MIN..=SNAT_PORT_MAX).enumerate() {
-        let client = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), 1024 + i as u16);
-        let (addr, cport) = be(client);
-        let reply = CtKey::new(*POD_B.ip(), POD_B.port(), NODE_A, port, proto::TCP);
-        h.nat.insert(reply, NatEntry { addr, port: cport, _pad: 0 }, 0).unwrap();
-        if let Some(state) = live {
-            let key = CtKey::new(*client.ip(), client.port(), *POD_B.ip(), POD_B.port(), proto::TCP);
-            let (fa, fp) = be(NP_REMOTE);
-            let entry = CtEntry {
-                frontend_addr: fa,
-                frontend_port: fp,
-                snat_addr: u32::from(NODE_A).to_be(),
-                snat_port: port.to_be(),
-                state,
-                flags: 0,
-                stats_index: 0,
-                created_ns: now,
-                last_seen_ns: now,
-            };
-            h.conntrack.insert(key, entry, 0).unwrap();
+        let connection = Connection {
+            proto: proto::TCP,
+            client: SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 200), 1024 + i as u16),
+            frontend: NP_REMOTE,
+            backend: POD_B,
+            snat: Some(SocketAddrV4::new(NODE_A, port)),
+            state: live.unwrap_or_default(),
+            stats_index: 0,
+        };
+        h.insert_snat_binding(&connection);
+        if live.is_some() {
+            h.insert_conntrack(&connection, now);
         }
-    }
-}
-
-/// The verdict of a packet a hook let through (translated or not).
-fn pass_verdict(hook: Hook) -> u32 {
-    match hook {
-        Hook::XdpIngress => XDP_PASS,
-        Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
     }
 }
 
@@ -391,18 +55,6 @@ fn open(h: &Harness, hook: Hook, client: SocketAddrV4, frontend: SocketAddrV4) -
 fn port(addr: SocketAddrV4, port: u16) -> SocketAddrV4 {
     SocketAddrV4::new(*addr.ip(), port)
 }
-
-/// The second word of an ICMP "fragmentation needed": unused, then the next-hop MTU.
-fn next_hop_mtu(mtu: u16) -> [u8; 4] {
-    let [hi, lo] = mtu.to_be_bytes();
-    [0, 0, hi, lo]
-}
-
-/// More L4 bytes than any fixture has, for `frame::quote`: the whole packet, as routers quote
-/// as much as fits (RFC 1812).
-const WHOLE: usize = 1500;
-/// Four IPv4 "no operation" options: a valid header of 24 bytes (IHL 6).
-const NOP_OPTIONS: [u8; 4] = [1, 1, 1, 1];
 
 /// Asserts verdict and whole frame, with the first differing byte in the message.
 fn assert_frame(what: &str, (verdict, out): (u32, Vec<u8>), want_verdict: u32, want: &[u8]) {
@@ -598,6 +250,62 @@ fn hostile_frames_pass_unchanged_and_write_nothing() {
         }
     }
     assert_eq!(h.entries(), 0, "hostile frames must not create conntrack or NAT entries");
+}
+
+/// Packets the kernel drops as malformed are not the balancer's: an IPv4 total length beyond
+/// the bytes that arrived (ip_rcv drops the packet), a TCP data offset below 5 or past the
+/// packet's end (netfilter calls it INVALID, the receiver drops it). Found by the fuzz test:
+/// such a SYN to a frontend opened a connection (a SNAT port, a reject for a Service without
+/// endpoints), such an RST closed a tracked one whose packets still flow, and the counters
+/// added the length claimed. Each passes every hook unchanged: one byte short of its total
+/// length (a new connection, the tracked connection's RST, the backend's reply to its SNAT
+/// port and at egress, UDP, an ICMP error about it), or with TCP data offset 4, 15 or 0;
+/// the tracked connection, the maps and the counters stay as they were.
+#[test]
+fn packets_with_lengths_the_kernel_drops_pass_unchanged_and_write_nothing() {
+    let h = Harness::new();
+    assert_eq!(open(&h, Hook::XdpIngress, CLIENT, NP_REMOTE), POD_B);
+    let snat = h.snat_source(CLIENT, POD_B);
+    let (tracked, entries, counters) =
+        (h.connection(CLIENT, POD_B, proto::TCP), h.entries(), h.writer.traffic().unwrap());
+    let newcomer = port(CLIENT, 40100);
+    let cut = |frame: Vec<u8>| frame[..frame.len() - 1].to_vec();
+    let data_offset = |words: u8, frame: Vec<u8>| {
+        let mut frame = frame;
+        frame[offset::L4 + 12] = words << 4;
+        frame
+    };
+    let frag_needed = frame::icmp_error(
+        NODE_B,
+        NODE_A,
+        frame::ICMP_DEST_UNREACH,
+        frame::ICMP_FRAG_NEEDED,
+        next_hop_mtu(1000),
+        frame::quote(&frame::tcp(snat, POD_B, ACK), 8),
+    );
+    let cases = [
+        ("SYN to a frontend, cut", cut(frame::tcp(newcomer, NP_REMOTE, SYN))),
+        ("SYN to a Service without endpoints, cut", cut(frame::tcp(newcomer, NP_EMPTY, SYN))),
+        ("RST of the tracked connection, cut", cut(frame::tcp(CLIENT, NP_REMOTE, RST))),
+        ("reply to the SNAT port, cut", cut(frame::tcp(POD_B, snat, ACK))),
+        ("reply to the client, cut", cut(frame::tcp(POD_B, CLIENT, ACK))),
+        ("UDP to a frontend, cut", cut(frame::udp(newcomer, CIP_LOCAL_DNS, true))),
+        ("ICMP error about the tracked connection, cut", cut(frag_needed)),
+        ("SYN to a frontend, data offset 4", data_offset(4, frame::tcp(newcomer, NP_REMOTE, SYN))),
+        ("SYN to a frontend, data offset 15", data_offset(15, frame::tcp(newcomer, NP_REMOTE, SYN))),
+        ("RST of the tracked connection, data offset 0", data_offset(0, frame::tcp(CLIENT, NP_REMOTE, RST))),
+    ];
+    for (what, input) in &cases {
+        for hook in [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress] {
+            assert_frame(&format!("{what} at {hook:?}"), h.run(hook, input), pass_verdict(hook), input);
+        }
+    }
+    assert_eq!(h.connection(CLIENT, POD_B, proto::TCP), tracked, "the tracked connection is untouched");
+    assert_eq!(
+        (h.entries(), h.writer.traffic().unwrap()),
+        (entries, counters),
+        "nothing created, nothing counted"
+    );
 }
 
 /// Every packet of a balanced connection, both directions, adds to its Service port's
