@@ -275,6 +275,30 @@ mod tests {
     }
 
     #[test]
+    fn service_port_name_is_host_order_length_then_the_utf8_bytes_zero_padded() {
+        use crate::stats::{ServicePortName, SERVICE_PORT_NAME_MAX};
+        let name = ServicePortName::new("default/kiada:http/TCP");
+        let mut want = ne(&[&22u32.to_ne_bytes(), b"default/kiada:http/TCP"]);
+        want.resize(160, 0);
+        assert_eq!(bytes(&name), want);
+        assert_eq!(name.as_str(), Some("default/kiada:http/TCP"));
+        assert_eq!((size_of::<ServicePortName>(), align_of::<ServicePortName>()), (160, 4));
+        assert_eq!(offset_of!(ServicePortName, name), 4);
+        // The longest name Kubernetes allows fits whole.
+        let longest = std::format!("{}/{}:{}/SCTP", "n".repeat(63), "s".repeat(63), "p".repeat(15));
+        assert_eq!(ServicePortName::new(&longest).as_str(), Some(longest.as_str()));
+        // Longer ones are cut at a character boundary; an unnamed port is just shorter.
+        let long = std::format!("{}é", "x".repeat(SERVICE_PORT_NAME_MAX - 1));
+        assert_eq!(ServicePortName::new(&long).as_str(), Some(&long[..SERVICE_PORT_NAME_MAX - 1]));
+        assert_eq!(ServicePortName::new("ns/dns:/UDP").as_str(), Some("ns/dns:/UDP"));
+        // Entries this agent did not write read as none.
+        assert_eq!(ServicePortName { len: 161, ..name }.as_str(), None);
+        let mut bad = name;
+        bad.name[0] = 0xff;
+        assert_eq!(bad.as_str(), None);
+    }
+
+    #[test]
     fn node_config_is_snat_address_in_network_order_and_zero_pad() {
         let config = NodeConfig { snat_addr: be_addr(192, 168, 1, 10), layout_version: 0x0102_0304 };
         assert_eq!(bytes(&config), ne(&[&[192, 168, 1, 10], &0x0102_0304u32.to_ne_bytes()]));

@@ -20,9 +20,12 @@ pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
 pub const CONFIG: &str = "XLB_CONFIG";
 /// `u32` (`ServiceValue::stats_index`) → `ServiceStats`, per-CPU array.
 pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
+/// `u32` (`ServiceValue::stats_index`) → `ServicePortName`, hash (not preallocated): the
+/// Service port each counter slot counts, for `xlb inspect`; the programs never read it.
+pub const SERVICE_NAMES: &str = "XLB_SERVICE_NAMES";
 
 /// Every map, in the order they are pinned and removed.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     SERVICES,
     BACKENDS,
     CT_SERVICE,
@@ -33,6 +36,7 @@ pub const ALL: [&str; 10] = [
     SOCK_REVNAT,
     CONFIG,
     SERVICE_STATS,
+    SERVICE_NAMES,
 ];
 
 /// The version of the maps' layouts. Bump it with every incompatible change to a map: its
@@ -43,10 +47,11 @@ pub const ALL: [&str; 10] = [
 /// its layout has not changed since the version recorded there and its type, key size, value
 /// size and flags are the ones the programs expect. Any other map is recreated (see "Upgrades"
 /// in docs/ARCHITECTURE.md).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
-/// Per map, the layout version in which its layout last changed.
-pub const LAYOUT_CHANGED: [(&str, u32); 10] = [
+/// Per map, the layout version in which its layout last changed (a new map: the version
+/// that added it).
+pub const LAYOUT_CHANGED: [(&str, u32); 11] = [
     (SERVICES, 1),
     (BACKENDS, 1),
     (CT_SERVICE, 1),
@@ -57,6 +62,8 @@ pub const LAYOUT_CHANGED: [(&str, u32); 10] = [
     (SOCK_REVNAT, 1),
     (CONFIG, 1),
     (SERVICE_STATS, 1),
+    // Version 2: added.
+    (SERVICE_NAMES, 2),
 ];
 
 /// The layout version in which map `name`'s layout last changed (`LAYOUT_VERSION` for a
@@ -68,7 +75,8 @@ pub fn layout_changed(name: &str) -> u32 {
 /// The maps the agent fills from desired state: recreating one loses nothing, the agent
 /// writes it again. The others (conntrack, SNAT, affinity, socket reverse NAT) hold the state
 /// of live connections, which a recreated map loses.
-pub const DESIRED_STATE: [&str; 5] = [SERVICES, BACKENDS, SOURCE_RANGES, CONFIG, SERVICE_STATS];
+pub const DESIRED_STATE: [&str; 6] =
+    [SERVICES, BACKENDS, SOURCE_RANGES, CONFIG, SERVICE_STATS, SERVICE_NAMES];
 
 /// Frontends (`--max-services`): 10,000 Services with a few ports, each on a ClusterIP and
 /// on the node's addresses.

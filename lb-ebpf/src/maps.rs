@@ -1,5 +1,6 @@
 //! Map definitions only. Layouts and purposes are documented on the types in `lb-common`.
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     btf_maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -13,7 +14,7 @@ use lb_common::{
     service::{ServiceKey, ServiceValue},
     socket::{SockRevNatKey, SockRevNatValue},
     source_range::SourceRangeKey,
-    stats::{ServiceStats, SERVICE_STATS_MAX},
+    stats::{ServicePortName, ServiceStats, SERVICE_STATS_MAX},
 };
 
 /// Frontends: (address, port, protocol) → backend groups; resized by `--max-services`.
@@ -58,5 +59,16 @@ pub static XLB_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// sized down with `--max-services`.
 #[btf_map]
 pub static XLB_SERVICE_STATS: PerCpuArray<ServiceStats, { SERVICE_STATS_MAX as usize }> = PerCpuArray::new();
+
+/// The Service port each counter slot counts, by `ServiceValue::stats_index`: for `xlb
+/// inspect` and bpftool; the programs never read it. Not preallocated: memory for the slots in
+/// use only; sized like `XLB_SERVICE_STATS`.
+#[btf_map]
+pub static XLB_SERVICE_NAMES: HashMap<
+    u32,
+    ServicePortName,
+    { SERVICE_STATS_MAX as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
 
 pub type SourceRangeLookup = Key<SourceRangeKey>;

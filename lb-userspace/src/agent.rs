@@ -305,6 +305,7 @@ impl SyncLoop<'_> {
     fn run(mut self) -> anyhow::Result<()> {
         let mut next_full = Instant::now();
         let mut last_sync: Option<Instant> = None;
+        let mut retried = false;
         loop {
             if !self.shared.wait_change(next_full) && !self.shared.all_listed() {
                 // The store is incomplete: the maps keep serving what they hold (a previous
@@ -332,15 +333,23 @@ impl SyncLoop<'_> {
                 self.desired = desired::Incremental::default();
             }
             let changed_at = self.shared.take_change();
-            self.sync(full)?;
+            let refused_while_freeing = self.sync(full)?;
             if let Some(at) = changed_at {
                 self.metrics.observe_programming_latency(at.elapsed());
             }
             last_sync = Some(Instant::now());
+            // Entries refused (a full map) by a sync that also removed some: the removals,
+            // written after the additions, may have made room, and the refused entries would
+            // otherwise wait for the next full sync. One full sync at once, not a loop.
+            retried = refused_while_freeing && !retried;
+            if retried {
+                next_full = Instant::now();
+            }
         }
     }
 
-    fn sync(&mut self, full: bool) -> anyhow::Result<()> {
+    /// Returns whether entries were refused while others were removed.
+    fn sync(&mut self, full: bool) -> anyhow::Result<bool> {
         let started = Instant::now();
         if let Some(pattern) = self.config.pod_interfaces.as_ref().filter(|_| !self.swap_pending) {
             attach_pod_interfaces(&mut self.dataplane, pattern, &mut self.pods);
@@ -388,14 +397,21 @@ impl SyncLoop<'_> {
         }
         let health = self.shared.health();
         health.set_node_eligible(!deleting);
-        if connected && report.failures.is_empty() {
-            health.updated();
+        match (connected, report.failures.is_empty()) {
+            (true, true) => health.updated(),
+            // The loop works (/livez) but the maps lack entries (/healthz waits).
+            (true, false) => health.updated_with_failures(),
+            (false, _) => {}
         }
         for error in self.health_servers.sync(&desired.health_checks) {
             tracing::warn!("healthCheckNodePort: {error}");
         }
         self.metrics.observe_sync(started.elapsed());
-        self.metrics.set_last_sync(SystemTime::now());
+        // As kube-proxy's: the last sync that wrote everything, so staleness alerts fire while
+        // a full map refuses entries.
+        if report.failures.is_empty() {
+            self.metrics.set_last_sync(SystemTime::now());
+        }
         if full || report.written + report.deleted > 0 {
             tracing::info!(
                 full,
@@ -409,7 +425,7 @@ impl SyncLoop<'_> {
                 "synced"
             );
         }
-        Ok(())
+        Ok(!report.failures.is_empty() && report.deleted > 0)
     }
 }
 

@@ -35,7 +35,10 @@ use tokio::{
 use crate::model::NamespacedName;
 
 /// Proxy health as kube-proxy's ProxyHealthServer computes it: unhealthy once a change has
-/// waited for a sync longer than twice the sync period.
+/// waited for a sync longer than twice the sync period. A sync that ran but could not write
+/// every entry (a full map) does not count for `/healthz`, whose node then stops getting
+/// traffic from load balancers, but does for `/livez`: the agent is working, and restarting
+/// it would not make the entries fit.
 pub struct ProxyHealth {
     timeout: Duration,
     state: Mutex<HealthState>,
@@ -45,6 +48,8 @@ struct HealthState {
     last_updated: SystemTime,
     /// When the oldest change still waiting for a sync arrived (monotonic, like Go's `Sub`).
     oldest_pending: Option<Instant>,
+    /// The same, cleared by a sync that left entries out too: what `/livez` goes by.
+    oldest_unattempted: Option<Instant>,
     node_eligible: bool,
 }
 
@@ -53,6 +58,8 @@ struct HealthReading {
     now: SystemTime,
     last_updated: SystemTime,
     healthy: bool,
+    /// The sync loop keeps up, whether or not its syncs wrote every entry.
+    live: bool,
     node_eligible: bool,
 }
 
@@ -65,6 +72,7 @@ impl ProxyHealth {
             state: Mutex::new(HealthState {
                 last_updated: SystemTime::now(),
                 oldest_pending: None,
+                oldest_unattempted: None,
                 // Eligible from the start, as in kube-proxy: a node being deleted is only known
                 // once its Node object has been read.
                 node_eligible: true,
@@ -75,14 +83,25 @@ impl ProxyHealth {
     /// A change is waiting for a sync (or the API is unreachable). Only the oldest pending
     /// change counts, so later ones do not push the deadline back.
     pub fn queued_update(&self) {
-        self.lock().oldest_pending.get_or_insert_with(Instant::now);
+        let mut state = self.lock();
+        let now = Instant::now();
+        state.oldest_pending.get_or_insert(now);
+        state.oldest_unattempted.get_or_insert(now);
     }
 
     /// A sync with current sources finished.
     pub fn updated(&self) {
         let mut state = self.lock();
         state.oldest_pending = None;
+        state.oldest_unattempted = None;
         state.last_updated = SystemTime::now();
+    }
+
+    /// A sync with current sources ran to its end but could not write some entries (e.g. a
+    /// full map): `/healthz` keeps waiting for a complete sync, as kube-proxy's does while
+    /// its syncs fail, and turns 503 after the timeout; `/livez` stays 200.
+    pub fn updated_with_failures(&self) {
+        self.lock().oldest_unattempted = None;
     }
 
     /// False while our Node has a deletionTimestamp (or the cluster autoscaler's
@@ -99,11 +118,12 @@ impl ProxyHealth {
 
     fn read(&self) -> HealthReading {
         let state = self.lock();
-        let healthy = state.oldest_pending.is_none_or(|queued| queued.elapsed() < self.timeout);
+        let within_timeout = |queued: Option<Instant>| queued.is_none_or(|q| q.elapsed() < self.timeout);
         HealthReading {
             now: SystemTime::now(),
             last_updated: state.last_updated,
-            healthy,
+            healthy: within_timeout(state.oldest_pending),
+            live: within_timeout(state.oldest_unattempted),
             node_eligible: state.node_eligible,
         }
     }
@@ -161,9 +181,13 @@ struct ProxierHealthBody {
     healthy: bool,
 }
 
-/// `/healthz` (`with_node`) also fails while the node is not eligible; `/livez` does not.
+/// `/healthz` (`with_node`) also fails while the node is not eligible; `/livez` does not,
+/// nor while syncs leave entries out (see `ProxyHealth`).
 fn proxy_health_answer(health: &ProxyHealth, with_node: bool) -> Response {
-    let reading = health.read();
+    let mut reading = health.read();
+    if !with_node {
+        reading.healthy = reading.live;
+    }
     let ok = reading.healthy && (reading.node_eligible || !with_node);
     let body = ProxyHealthBody {
         // kube-proxy reports "now" while healthy: older releases' lastUpdated was the last sync
@@ -696,6 +720,39 @@ mod tests {
         assert!(!health.is_healthy());
         health.updated();
         assert!(health.is_healthy());
+        assert_eq!(get(addr, "/livez").status_line, "HTTP/1.1 200 OK");
+        assert_eq!(get(addr, "/healthz").status_line, "HTTP/1.1 200 OK");
+    }
+
+    #[test]
+    fn syncs_that_leave_entries_out_fail_healthz_after_the_timeout_but_not_livez() {
+        let runtime = runtime();
+        let health = Arc::new(ProxyHealth::new(Duration::from_millis(50)));
+        let addr = serve(&runtime, health.clone());
+        let queued = Instant::now();
+        health.queued_update();
+        health.updated_with_failures();
+        let deadline = queued + Duration::from_secs(10);
+        while health.is_healthy() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(queued.elapsed() >= Duration::from_millis(100), "unhealthy before the timeout");
+        let reply = get(addr, "/healthz");
+        assert_eq!(reply.status_line, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(json(&reply)["healthy"], false);
+        let reply = get(addr, "/livez");
+        assert_eq!(reply.status_line, "HTTP/1.1 200 OK");
+        assert!(json(&reply)["healthy"] == true && json(&reply)["status"]["IPv4"]["healthy"] == true);
+
+        // A later change that no sync gets to fails /livez too; a complete sync heals both.
+        let queued = Instant::now();
+        health.queued_update();
+        while get(addr, "/livez").status_line == "HTTP/1.1 200 OK" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(queued.elapsed() >= Duration::from_millis(100), "/livez failed before the timeout");
+        assert_eq!(get(addr, "/livez").status_line, "HTTP/1.1 503 Service Unavailable");
+        health.updated();
         assert_eq!(get(addr, "/livez").status_line, "HTTP/1.1 200 OK");
         assert_eq!(get(addr, "/healthz").status_line, "HTTP/1.1 200 OK");
     }

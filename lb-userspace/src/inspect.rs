@@ -5,9 +5,10 @@
 //! dotted, ports in host order, bits decoded to words), which `Report::render` prints as an
 //! aligned table or as JSON.
 //!
-//! The maps hold numbers, not names: a frontend's backend groups and counter slot are ids
-//! the agent gives Service ports in memory (`dataplane::ids`), so the Service a frontend
-//! belongs to is not recoverable from the pins.
+//! The maps hold numbers: a frontend's backend groups and counter slot are ids the agent
+//! gives in memory (`dataplane::ids`). The Service port a frontend belongs to is the name the
+//! agent pinned for its counter slot (`XLB_SERVICE_NAMES`); a frontend that is not counted
+//! (slot 0) has none.
 use std::{
     borrow::Cow,
     collections::BTreeMap,
@@ -29,7 +30,7 @@ use lb_common::{
     },
     maps, proto,
     service::{ServiceKey, ServiceValue, SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
-    stats::ServiceStats,
+    stats::{ServicePortName, ServiceStats},
 };
 use serde::Serialize;
 
@@ -68,7 +69,8 @@ type Result<T, E = InspectError> = std::result::Result<T, E>;
 /// What to show.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum What {
-    /// One row per frontend (`XLB_SERVICES`), with the backends of its groups.
+    /// One row per frontend (`XLB_SERVICES`), with its Service port and the backends of its
+    /// groups.
     Services,
     /// One row per backend slot (`XLB_BACKENDS`).
     Backends,
@@ -76,7 +78,8 @@ pub enum What {
     Conntrack,
     /// Session affinity entries (`XLB_AFFINITY`).
     Affinity,
-    /// Traffic per counter slot (`XLB_SERVICE_STATS`, summed over CPUs), non-zero slots only.
+    /// Traffic per counter slot (`XLB_SERVICE_STATS`, summed over CPUs) and the Service port
+    /// it counts, non-zero slots only.
     Stats,
 }
 
@@ -197,6 +200,9 @@ impl fmt::Display for Frontend {
 /// One frontend of `XLB_SERVICES`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceRow {
+    /// The Service port, `namespace/name:port/PROTO`, as its counter slot is named in
+    /// `XLB_SERVICE_NAMES`; `None` when the frontend is not counted or its slot has no name.
+    pub service: Option<String>,
     pub frontend: Frontend,
     /// `SVC_F_*` bits as words: `no-endpoints`, `source-ranges`; unknown bits as `0x..`.
     pub flags: Vec<String>,
@@ -273,6 +279,9 @@ pub struct AffinityRow {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StatsRow {
     pub slot: u32,
+    /// The Service port the slot counts (`XLB_SERVICE_NAMES`); `None`: no name pinned (the
+    /// slot counts no Service port any more).
+    pub service: Option<String>,
     pub packets: u64,
     pub bytes: u64,
     /// The frontends counting into the slot now (the Service port's frontends).
@@ -344,14 +353,22 @@ fn group_view(slots: &BTreeMap<BackendKey, Backend>, group_id: u32, count: u16) 
     view
 }
 
-/// Frontends with the backends of their groups, sorted by address, port and protocol.
+/// The Service port of counter slot `index` by `names` (slot 0: not counted, no name).
+fn service_port(names: &BTreeMap<u32, String>, index: u32) -> Option<String> {
+    (index != 0).then(|| names.get(&index).cloned()).flatten()
+}
+
+/// Frontends with their Service port (by `names`: counter slot → name) and the backends of
+/// their groups, sorted by address, port and protocol.
 pub fn service_rows(
     frontends: &[(ServiceKey, ServiceValue)],
     slots: &BTreeMap<BackendKey, Backend>,
+    names: &BTreeMap<u32, String>,
 ) -> Vec<ServiceRow> {
     let mut rows: Vec<ServiceRow> = frontends
         .iter()
         .map(|(key, value)| ServiceRow {
+            service: service_port(names, u32::from(value.stats_index)),
             frontend: key.into(),
             flags: service_flags(value.flags),
             affinity_timeout_s: value.affinity_timeout_s,
@@ -417,9 +434,13 @@ pub fn affinity_rows(
     rows
 }
 
-/// Non-zero counter slots (`per_slot[i]`: slot `i`'s values on each CPU), with the frontends
-/// counting into each.
-pub fn stats_rows(per_slot: &[Vec<ServiceStats>], frontends: &[(ServiceKey, ServiceValue)]) -> Vec<StatsRow> {
+/// Non-zero counter slots (`per_slot[i]`: slot `i`'s values on each CPU), with the Service
+/// port each counts (`names`) and the frontends counting into it.
+pub fn stats_rows(
+    per_slot: &[Vec<ServiceStats>],
+    frontends: &[(ServiceKey, ServiceValue)],
+    names: &BTreeMap<u32, String>,
+) -> Vec<StatsRow> {
     let mut by_slot: BTreeMap<u32, Vec<Frontend>> = BTreeMap::new();
     for (key, value) in frontends.iter().filter(|(_, v)| v.stats_index != 0) {
         by_slot.entry(u32::from(value.stats_index)).or_default().push(key.into());
@@ -434,7 +455,7 @@ pub fn stats_rows(per_slot: &[Vec<ServiceStats>], frontends: &[(ServiceKey, Serv
         .map(|(slot, packets, bytes)| {
             let mut frontends = by_slot.remove(&slot).unwrap_or_default();
             frontends.sort();
-            StatsRow { slot, packets, bytes, frontends }
+            StatsRow { slot, service: service_port(names, slot), packets, bytes, frontends }
         })
         .collect()
 }
@@ -477,6 +498,17 @@ fn read_slots(dir: &Path) -> Result<BTreeMap<BackendKey, Backend>> {
     Ok(read_hash::<BackendKey, Backend>(dir, maps::BACKENDS)?.into_iter().collect())
 }
 
+/// The Service port each counter slot counts, from `XLB_SERVICE_NAMES`. Pins of an agent
+/// from before that map (layout version 1) have none: every frontend then shows no name.
+/// Names that are not UTF-8 are left out.
+fn read_names(dir: &Path) -> Result<BTreeMap<u32, String>> {
+    let names = match read_hash::<u32, ServicePortName>(dir, maps::SERVICE_NAMES) {
+        Err(InspectError::NotPinned { .. }) => return Ok(BTreeMap::new()),
+        names => names?,
+    };
+    Ok(names.into_iter().filter_map(|(slot, name)| Some((slot, name.as_str()?.to_string()))).collect())
+}
+
 /// `CLOCK_MONOTONIC` in ns: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> Result<u64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -489,7 +521,7 @@ pub fn monotonic_ns() -> Result<u64> {
 
 pub fn services(dir: &Path) -> Result<Vec<ServiceRow>> {
     let frontends = read_hash(dir, maps::SERVICES)?;
-    Ok(service_rows(&frontends, &read_slots(dir)?))
+    Ok(service_rows(&frontends, &read_slots(dir)?, &read_names(dir)?))
 }
 
 pub fn backends(dir: &Path) -> Result<Vec<BackendRow>> {
@@ -515,7 +547,7 @@ pub fn stats(dir: &Path) -> Result<Vec<StatsRow>> {
     let per_slot: Vec<Vec<ServiceStats>> =
         map.iter().map(|values| values.map(|v| v.to_vec())).collect::<Result<_, _>>().map_err(read_err)?;
     let frontends = read_hash(dir, maps::SERVICES)?;
-    Ok(stats_rows(&per_slot, &frontends))
+    Ok(stats_rows(&per_slot, &frontends, &read_names(dir)?))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -597,8 +629,18 @@ fn backend_list(view: &GroupView) -> String {
 }
 
 impl TableRow for ServiceRow {
-    const HEADERS: &'static [&'static str] =
-        &["FRONTEND", "FLAGS", "AFFINITY", "STATS", "EXT-GROUP", "EXT-N", "INT-GROUP", "INT-N", "BACKENDS"];
+    const HEADERS: &'static [&'static str] = &[
+        "SERVICE",
+        "FRONTEND",
+        "FLAGS",
+        "AFFINITY",
+        "STATS",
+        "EXT-GROUP",
+        "EXT-N",
+        "INT-GROUP",
+        "INT-N",
+        "BACKENDS",
+    ];
     fn cells(&self) -> Vec<String> {
         let backends = if self.external.group_id == self.internal.group_id
             && self.external.backend_count == self.internal.backend_count
@@ -608,6 +650,7 @@ impl TableRow for ServiceRow {
             format!("ext: {}; int: {}", backend_list(&self.external), backend_list(&self.internal))
         };
         vec![
+            self.service.clone().unwrap_or_else(|| "-".into()),
             self.frontend.to_string(),
             words(&self.flags),
             if self.affinity_timeout_s == 0 { "-".into() } else { format!("{}s", self.affinity_timeout_s) },
@@ -666,11 +709,12 @@ impl TableRow for AffinityRow {
 }
 
 impl TableRow for StatsRow {
-    const HEADERS: &'static [&'static str] = &["SLOT", "PACKETS", "BYTES", "FRONTENDS"];
+    const HEADERS: &'static [&'static str] = &["SLOT", "SERVICE", "PACKETS", "BYTES", "FRONTENDS"];
     fn cells(&self) -> Vec<String> {
         let frontends: Vec<String> = self.frontends.iter().map(Frontend::to_string).collect();
         vec![
             self.slot.to_string(),
+            self.service.clone().unwrap_or_else(|| "-".into()),
             self.packets.to_string(),
             self.bytes.to_string(),
             if frontends.is_empty() { "-".into() } else { frontends.join(", ") },
@@ -758,9 +802,13 @@ mod tests {
             (ServiceKey::new(ip("198.19.0.10"), 80, proto::TCP), value(3, 3, (3, 3))),
             (ServiceKey::new(ip("198.18.0.1"), 30080, proto::TCP), affine),
         ];
-        let rows = service_rows(&frontends, &slots());
+        let rows = service_rows(&frontends, &slots(), &names(&[(7, "default/kiada:http/TCP")]));
         // Sorted by dotted address, not by the network-order integer.
         assert_eq!(rows[0].frontend.to_string(), "198.18.0.1:30080/TCP");
+        assert_eq!(
+            (rows[0].service.as_deref(), rows[1].service.as_deref()),
+            (Some("default/kiada:http/TCP"), None)
+        );
         assert_eq!(rows[0].flags, ["source-ranges"]);
         assert_eq!((rows[0].affinity_timeout_s, rows[0].stats_slot), (10_800, 7));
         let ext: Vec<String> = rows[0].external.backends.iter().map(|b| b.backend.to_string()).collect();
@@ -849,11 +897,49 @@ mod tests {
             (ServiceKey::new(ip("198.19.0.10"), 80, proto::TCP), counted),
             (ServiceKey::new(ip("198.18.0.1"), 30080, proto::TCP), counted),
         ];
-        let rows = stats_rows(&per_slot, &frontends);
+        let rows = stats_rows(&per_slot, &frontends, &names(&[(1, "default/kiada:http/TCP")]));
         assert_eq!(rows.len(), 1);
         assert_eq!((rows[0].slot, rows[0].packets, rows[0].bytes), (1, 5, 300));
+        assert_eq!(rows[0].service.as_deref(), Some("default/kiada:http/TCP"));
+        let text = table(&rows);
+        assert_eq!(text.lines().next(), Some("SLOT  SERVICE                 PACKETS  BYTES  FRONTENDS"));
+        assert!(text.contains("1     default/kiada:http/TCP  5        300"), "{text}");
+        // A slot counting no Service port any more has no name.
+        assert_eq!(stats_rows(&per_slot, &frontends, &BTreeMap::new())[0].service, None);
         let names: Vec<String> = rows[0].frontends.iter().map(Frontend::to_string).collect();
         assert_eq!(names, ["198.18.0.1:30080/TCP", "198.19.0.10:80/TCP"]);
+    }
+
+    fn names(pairs: &[(u32, &str)]) -> BTreeMap<u32, String> {
+        pairs.iter().map(|(slot, name)| (*slot, (*name).to_string())).collect()
+    }
+
+    #[test]
+    fn a_frontend_is_named_by_its_counter_slot_and_shows_no_name_uncounted_or_unnamed() {
+        let counted = |stats_index| ServiceValue { stats_index, ..value(3, 1, (3, 1)) };
+        let frontends = [
+            (ServiceKey::new(ip("198.19.0.10"), 80, proto::TCP), counted(1)),
+            (ServiceKey::new(ip("198.19.0.10"), 443, proto::TCP), counted(2)),
+            (ServiceKey::new(ip("198.19.0.11"), 53, proto::UDP), counted(0)),
+        ];
+        // Slot 2's name is missing; slot 0 is never looked up, whatever the map holds.
+        let names = names(&[(0, "default/zero:/TCP"), (1, "default/kiada:http/TCP")]);
+        let rows = service_rows(&frontends, &slots(), &names);
+        let services: Vec<Option<&str>> = rows.iter().map(|r| r.service.as_deref()).collect();
+        assert_eq!(services, [Some("default/kiada:http/TCP"), None, None]);
+        let text = Report::Services(rows.clone()).render(Format::Table).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("SERVICE                 FRONTEND             FLAGS"), "{text}");
+        assert!(lines[1].starts_with("default/kiada:http/TCP  198.19.0.10:80/TCP   -"), "{text}");
+        assert!(lines[2].starts_with("-                       198.19.0.10:443/TCP  -"), "{text}");
+        let json: serde_json::Value =
+            serde_json::from_str(&Report::Services(rows).render(Format::Json).unwrap()).unwrap();
+        assert_eq!(json[0]["service"], "default/kiada:http/TCP");
+        assert_eq!(
+            (&json[1]["service"], &json[2]["service"]),
+            (&serde_json::Value::Null, &serde_json::Value::Null)
+        );
+        assert_eq!(json[0]["stats_slot"], 1);
     }
 
     #[test]
@@ -899,5 +985,7 @@ mod tests {
         let err = conntrack(&dir).unwrap_err();
         assert!(matches!(err, InspectError::NotPinned { .. }), "{err}");
         assert!(err.to_string().contains(&dir.join("XLB_CONNTRACK").display().to_string()), "{err}");
+        // Only the names map missing (pins of layout version 1): no names, no error.
+        assert_eq!(read_names(&dir).unwrap(), BTreeMap::new());
     }
 }

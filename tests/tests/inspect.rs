@@ -1,6 +1,7 @@
-//! `xlb inspect` against a real agent's pinned maps: the kiada Service's frontends and one
-//! real connection through its NodePort show up, while the agent runs and after it stopped;
-//! and bpftool decodes the same pins with the field names of the lb-common structs (BTF).
+//! `xlb inspect` against a real agent's pinned maps: the kiada Service's frontends, named
+//! after it, and one real connection through its NodePort show up, while the agent runs and
+//! after it stopped; and bpftool decodes the same pins with the field names of the lb-common
+//! structs (BTF).
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::Path,
@@ -16,6 +17,8 @@ use xlb_tests::{bin_path, kiada::Reply, netns, scenario, testbed::Testbed};
 const NODE: usize = 0;
 const NODE_PORT: u16 = 30080;
 const TARGET_PORT: u16 = 8080;
+/// The Service port both frontends belong to: the `http` port of Service `default/kiada`.
+const SERVICE_PORT: &str = "default/kiada:http/TCP";
 
 /// The kiada scenario with an agent on node-a only, programmed.
 fn cluster_with_agent() -> Testbed {
@@ -60,8 +63,8 @@ fn endpoint(addr: Ipv4Addr, port: u16) -> Value {
     serde_json::json!({ "addr": addr.to_string(), "port": port })
 }
 
-/// The NodePort frontend and the ClusterIP frontend of port `http`, with node-a's view of
-/// the backends: all three pods, the two on node-a flagged local.
+/// The NodePort frontend and the ClusterIP frontend of port `http`, named after their Service
+/// port, with node-a's view of the backends: all three pods, the two on node-a flagged local.
 fn check_services(tb: &Testbed, services: &[Value], when: &str) {
     let node = &tb.nodes[NODE];
     let frontend = serde_json::json!({ "addr": node.ip.to_string(), "port": NODE_PORT, "proto": "TCP" });
@@ -89,8 +92,31 @@ fn check_services(tb: &Testbed, services: &[Value], when: &str) {
     assert_eq!(row["external"]["backend_count"], tb.pods.len(), "{when}: {row}");
     assert_eq!(row["external"]["missing_slots"], serde_json::json!([]), "{when}: {row}");
     assert_eq!(row["flags"], serde_json::json!([]), "{when}: {row}");
+    assert_eq!(row["service"], SERVICE_PORT, "{when}: {row}");
     let cluster_ip = serde_json::json!({ "addr": scenario::CLUSTER_IP.to_string(), "port": scenario::PORTS[0].1, "proto": "TCP" });
-    assert!(services.iter().any(|s| s["frontend"] == cluster_ip), "{when}: no frontend {cluster_ip}");
+    let row = services
+        .iter()
+        .find(|s| s["frontend"] == cluster_ip)
+        .unwrap_or_else(|| panic!("{when}: no frontend {cluster_ip} in {services:#?}"));
+    assert_eq!(row["service"], SERVICE_PORT, "{when}: {row}");
+    // Every frontend of the scenario is counted, so every one is named: the other port too.
+    let https = format!("default/kiada:{}/TCP", scenario::PORTS[1].0);
+    let names: Vec<&Value> = services.iter().map(|s| &s["service"]).collect();
+    assert!(names.iter().all(|n| *n == SERVICE_PORT || *n == https.as_str()), "{when}: {names:?}");
+}
+
+/// The table form: the NodePort frontend's line names its Service port.
+fn check_services_table(tb: &Testbed, when: &str) -> String {
+    let out = xlb_inspect(tb, &tb.nodes[NODE].bpffs_dir, "services", &[]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && table.starts_with("SERVICE "), "{when}: {table}");
+    let frontend = format!("{}:{NODE_PORT}/TCP", tb.nodes[NODE].ip);
+    let line = table.lines().find(|l| l.contains(&frontend));
+    assert!(
+        line.is_some_and(|l| l.split_whitespace().take(2).eq([SERVICE_PORT, frontend.as_str()])),
+        "{when}: {table}"
+    );
+    table
 }
 
 /// The connection of `reply`: from the client to the pod that answered, addressed to the
@@ -141,11 +167,8 @@ fn inspect_shows_the_service_and_a_connection_while_the_agent_runs_and_after_it_
     check_services(&tb, &inspect_json(&tb, "services"), "agent running");
     check_connection(&tb, &inspect_json(&tb, "conntrack"), &reply, "agent running");
 
-    // The table form prints the same frontend, dotted and in host order.
-    let out = xlb_inspect(&tb, &tb.nodes[NODE].bpffs_dir, "services", &[]);
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && table.starts_with("FRONTEND"), "{table}");
-    assert!(table.contains(&format!("{}:{NODE_PORT}/TCP", tb.nodes[NODE].ip)), "{table}");
+    // The table form prints the same frontend, dotted and in host order, after its Service.
+    let table = check_services_table(&tb, "agent running");
     let conntrack = xlb_inspect(&tb, &tb.nodes[NODE].bpffs_dir, "conntrack", &[]);
     println!("{table}\n{}", String::from_utf8_lossy(&conntrack.stdout));
 
@@ -153,6 +176,7 @@ fn inspect_shows_the_service_and_a_connection_while_the_agent_runs_and_after_it_
     tb.stop_agent(NODE).expect("stopping the agent");
     assert_eq!(tb.agent_pid(NODE), None);
     check_services(&tb, &inspect_json(&tb, "services"), "agent stopped");
+    check_services_table(&tb, "agent stopped");
     check_connection(&tb, &inspect_json(&tb, "conntrack"), &reply, "agent stopped");
     for what in ["backends", "affinity", "stats"] {
         inspect_json(&tb, what);
@@ -161,8 +185,9 @@ fn inspect_shows_the_service_and_a_connection_while_the_agent_runs_and_after_it_
     assert!(
         stats.iter().any(|s| s["frontends"].as_array().is_some_and(|f| f.contains(&serde_json::json!({
             "addr": tb.nodes[NODE].ip.to_string(), "port": NODE_PORT, "proto": "TCP"
-        }))) && s["packets"].as_u64() >= Some(4)),
-        "the connection's packets are counted for the NodePort's slot: {stats:#?}"
+        }))) && s["packets"].as_u64() >= Some(4)
+            && s["service"] == SERVICE_PORT),
+        "the connection's packets are counted for the NodePort's slot, named after its Service port: {stats:#?}"
     );
 
     // A directory no agent ever used: a clear error naming it, no output.
@@ -261,4 +286,32 @@ fn bpftool_decodes_the_pinned_maps_with_the_lb_common_field_names() {
             && e["formatted"]["value"]["frontend_port"] == NODE_PORT.to_be()),
         "no connection from the client to the NodePort in {conntrack:#?}"
     );
+
+    // The counter slots' names: the first `len` bytes of `name` (a u8 array: BTF has no `char`
+    // for Rust) are the Service ports, and the NodePort frontend's slot is its own.
+    let names = bpftool_dump(&dir.join(maps::SERVICE_NAMES));
+    let decoded: Vec<(u64, String)> = names
+        .iter()
+        .map(|entry| {
+            let (key, value) = (&entry["formatted"]["key"], &entry["formatted"]["value"]);
+            assert_eq!(fields(value), sorted(&["len", "name"]), "{entry}");
+            let len = value["len"].as_u64().expect("len") as usize;
+            let bytes: Vec<u8> = value["name"]
+                .as_array()
+                .expect("name: an array of bytes")
+                .iter()
+                .map(|b| b.as_u64().expect("a byte") as u8)
+                .collect();
+            assert!(bytes[len..].iter().all(|b| *b == 0), "{entry}");
+            (key.as_u64().expect("slot"), String::from_utf8(bytes[..len].to_vec()).expect("UTF-8"))
+        })
+        .collect();
+    let mut ports: Vec<&str> = decoded.iter().map(|(_, name)| name.as_str()).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, [SERVICE_PORT, "default/kiada:https/TCP"], "{decoded:?}");
+    let slot = services
+        .iter()
+        .find(|e| e["formatted"]["key"]["addr"] == addr && e["formatted"]["key"]["port"] == port)
+        .map(|e| e["formatted"]["value"]["stats_index"].as_u64().expect("stats_index"));
+    assert_eq!(decoded.iter().find(|(s, _)| Some(*s) == slot).map(|(_, n)| n.as_str()), Some(SERVICE_PORT));
 }

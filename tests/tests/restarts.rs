@@ -6,7 +6,8 @@
 //! succeed, including the ones made while no agent runs at all; and once the programs are
 //! removed (`xlb agent --cleanup`) the same connections fail, so it was the programs that
 //! carried them. And upgrades across map layouts: a pinned map of another layout is
-//! recreated, logged, and swapped in only once filled, without a failed connection.
+//! recreated, logged, and swapped in only once filled, without a failed connection; the pins
+//! of layout 1 gain the map added since (`XLB_SERVICE_NAMES`) and keep all the others.
 use std::{
     collections::BTreeMap,
     io::{self, Read as _, Write as _},
@@ -24,11 +25,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{Map, MapData, MapInfo};
+use aya::maps::{Array, Map, MapData, MapInfo};
 use lb_common::{
+    config::NodeConfig,
     conntrack::CtEntry,
     maps, proto,
     service::{ServiceKey, ServiceValue},
+    stats::ServicePortName,
 };
 use xlb_tests::{
     apiserver::ApiServer,
@@ -689,7 +692,9 @@ const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 /// size (a map the agent fills): recreated, and the running programs keep serving with their
 /// maps until the new agent has filled the new one, even while it cannot reach its API at
 /// all; then swapped in without a failed connection. `XLB_CONNTRACK` with a wrong value size:
-/// recreated, with the count of tracked entries reset in the log, and the agent works.
+/// recreated, with the count of tracked entries reset in the log, and the agent works. Pins
+/// of layout version 1: `XLB_SERVICE_NAMES` is created (with `XLB_CONFIG`, as always), every
+/// other map reused, and no stream breaks.
 #[test]
 fn pinned_maps_of_another_layout_are_recreated_and_swapped_in_without_a_gap() {
     let spec = Spec {
@@ -749,4 +754,34 @@ fn pinned_maps_of_another_layout_are_recreated_and_swapped_in_without_a_gap() {
     tb.wait_for_log(0, "replaced the running ones", DEADLINE).expect("swapped in");
     assert_eq!(pinned_value_size(&conntrack), std::mem::size_of::<CtEntry>() as u32);
     expect_connections(&tb, 20, true, "after recreating the conntrack table");
+
+    // The pins of an agent of layout version 1, from before XLB_SERVICE_NAMES: that map is
+    // created and filled, every other map reused as it is (the streams keep flowing through
+    // their conntrack entries), and the counter slots are named once it is swapped in.
+    let received_before = received(&servers);
+    let traffic = Traffic::start(&tb, &["web-0", "web-1"], None);
+    stop_agent(&mut tb, 0, libc::SIGTERM);
+    std::fs::remove_file(dir.join(maps::SERVICE_NAMES)).expect("removing the XLB_SERVICE_NAMES pin");
+    let config = MapData::from_pin(dir.join(maps::CONFIG)).expect("XLB_CONFIG");
+    let mut config: Array<MapData, NodeConfig> = Map::Array(config).try_into().expect("an array");
+    let node_config = config.get(&0, 0).expect("XLB_CONFIG[0]");
+    config.set(0, NodeConfig { layout_version: 1, ..node_config }, 0).expect("layout version 1");
+    drop(config);
+    tb.start_agent(0).expect("agent");
+    let line = tb
+        .wait_for_log(0, "map XLB_SERVICE_NAMES: not pinned while others are", DEADLINE)
+        .expect("the new map's log line");
+    println!("{line}");
+    tb.wait_for_log(0, "replaced the running ones", DEADLINE).expect("swapped in");
+    let log = std::fs::read_to_string(tb.agent_log(0)).expect("agent log");
+    assert!(!log.contains("pinned layout not reused"), "a map of layout version 1 was recreated:\n{log}");
+    traffic.progress.wait_beyond(&traffic.progress.snapshot(), "after the upgrade from layout 1");
+    traffic.finish().check(received(&servers) - received_before);
+    let names = MapData::from_pin(dir.join(maps::SERVICE_NAMES)).expect("XLB_SERVICE_NAMES pinned");
+    let names: aya::maps::HashMap<MapData, u32, ServicePortName> =
+        Map::HashMap(names).try_into().expect("a hash map");
+    let mut ports: Vec<String> =
+        names.iter().map(|entry| entry.expect("entry").1.as_str().expect("UTF-8").to_string()).collect();
+    ports.sort_unstable();
+    assert_eq!(ports, ["default/steady:echo/TCP", "default/steady:http/TCP"]);
 }

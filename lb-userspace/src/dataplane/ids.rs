@@ -52,19 +52,33 @@ pub(super) fn assign_ids<'a>(
 }
 
 /// Numeric ids for the desired backend groups, read through `group_id` or
-/// `internal_group_id`; ids of slots still in the maps are not reused.
+/// `internal_group_id`; ids of slots still in the maps are not reused. A group no frontend
+/// in the maps wants keeps its `previous` id if no frontend reads that id either: a group
+/// whose frontends were refused (a full services map) keeps the slots written for it,
+/// rather than writing them under a new id at every sync while the old ones take room.
 pub(super) fn group_ids(
     frontends: &BTreeMap<ServiceKey, ServiceValue>,
     slots: &BTreeMap<BackendKey, Backend>,
     desired: &DesiredState,
+    previous: &Ids,
 ) -> BTreeMap<GroupName, u32> {
-    let uses = frontends.iter().flat_map(|(key, value)| {
-        let wanted = desired.frontends.get(key);
-        [
-            (value.group_id, wanted.map(|f| &f.group)),
-            (value.internal_group_id, wanted.map(|f| &f.internal_group)),
-        ]
+    let uses: Vec<(u32, Option<&GroupName>)> = frontends
+        .iter()
+        .flat_map(|(key, value)| {
+            let wanted = desired.frontends.get(key);
+            [
+                (value.group_id, wanted.map(|f| &f.group)),
+                (value.internal_group_id, wanted.map(|f| &f.internal_group)),
+            ]
+        })
+        .collect();
+    let (read, named): (HashSet<u32>, HashSet<&GroupName>) =
+        (uses.iter().map(|(id, _)| *id).collect(), uses.iter().filter_map(|(_, name)| *name).collect());
+    let kept = desired.groups.keys().filter(|name| !named.contains(name)).filter_map(|name| {
+        let id = previous.get(name).filter(|id| !read.contains(id))?;
+        Some((id, Some(name)))
     });
+    let uses = uses.iter().copied().chain(kept);
     assign_ids(uses, slots.keys().map(|k| k.group_id), desired.groups.keys(), u32::MAX)
 }
 
@@ -222,7 +236,7 @@ mod tests {
         let maps = [(key(1), value(5, 5)), (key(2), value(7, 5)), (key(3), value(7, 5))].into();
         let want =
             desired(&[(key(1), "web", "web"), (key(2), "web local", "web"), (key(3), "web local", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 5), ("web local", 7)]));
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want, &Ids::default()), ids(&[("web", 5), ("web local", 7)]));
     }
 
     #[test]
@@ -230,11 +244,11 @@ mod tests {
         // key(1) read group 5 through both fields; now its outside clients go to "web local".
         let maps = [(key(1), value(5, 5))].into();
         let want = desired(&[(key(1), "web local", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1), ("web local", 2)]));
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want, &Ids::default()), ids(&[("web", 1), ("web local", 2)]));
         // Or a frontend on the id goes away while another stays.
         let maps = [(key(1), value(5, 5)), (key(2), value(5, 5))].into();
         let want = desired(&[(key(1), "web", "web")]);
-        assert_eq!(group_ids(&maps, &NO_SLOTS, &want), ids(&[("web", 1)]));
+        assert_eq!(group_ids(&maps, &NO_SLOTS, &want, &Ids::default()), ids(&[("web", 1)]));
     }
 
     #[test]
@@ -243,7 +257,22 @@ mod tests {
         let slots =
             [(BackendKey { group_id: 2, slot: 0 }, Backend::new(Ipv4Addr::new(10, 244, 1, 1), 80, 0))].into();
         let want = desired(&[(key(2), "a", "b")]);
-        assert_eq!(group_ids(&maps, &slots, &want), ids(&[("a", 4), ("b", 5)]));
+        assert_eq!(group_ids(&maps, &slots, &want, &Ids::default()), ids(&[("a", 4), ("b", 5)]));
+    }
+
+    #[test]
+    fn a_group_no_frontend_reads_keeps_its_previous_id_unless_a_frontend_reads_that_id() {
+        // "a" and "b" had ids 2 and 3; no frontend in the maps reads "b" (its frontends did
+        // not fit), its slots are still there.
+        let previous: Ids = [("a".into(), 2), ("b".into(), 3)].into_iter().collect();
+        let maps = [(key(1), value(2, 2))].into();
+        let slots =
+            [(BackendKey { group_id: 3, slot: 0 }, Backend::new(Ipv4Addr::new(10, 244, 1, 1), 80, 0))].into();
+        let want = desired(&[(key(1), "a", "a"), (key(2), "b", "b")]);
+        assert_eq!(group_ids(&maps, &slots, &want, &previous), ids(&[("a", 2), ("b", 3)]));
+        // A frontend now reads 3 for "a": "b" moves to an id nothing uses.
+        let maps = [(key(1), value(3, 3))].into();
+        assert_eq!(group_ids(&maps, &slots, &want, &previous), ids(&[("a", 3), ("b", 1)]));
     }
 
     fn names(names: &[&str]) -> Vec<GroupName> {

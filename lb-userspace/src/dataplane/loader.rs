@@ -122,7 +122,9 @@ impl MapSizes {
             maps::BACKENDS => self.backends,
             maps::CT_SERVICE | maps::CONNTRACK | maps::NAT => self.conntrack,
             // Counters are per Service port, never more than frontends (a u16 index).
-            maps::SERVICE_STATS => self.services.min(lb_common::stats::SERVICE_STATS_MAX),
+            maps::SERVICE_STATS | maps::SERVICE_NAMES => {
+                self.services.min(lb_common::stats::SERVICE_STATS_MAX)
+            }
             maps::AFFINITY => maps::AFFINITY_MAX,
             maps::SOURCE_RANGES => maps::SOURCE_RANGES_MAX,
             maps::SOCK_REVNAT => maps::SOCK_REVNAT_MAX,

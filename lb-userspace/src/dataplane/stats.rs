@@ -30,7 +30,7 @@ pub struct TableFill {
 }
 
 /// The tables whose fill matters: every hash, LRU and trie map (arrays are always full).
-const TABLES: [&str; 8] = [
+const TABLES: [&str; 9] = [
     maps::SERVICES,
     maps::BACKENDS,
     maps::CT_SERVICE,
@@ -39,6 +39,7 @@ const TABLES: [&str; 8] = [
     maps::AFFINITY,
     maps::SOURCE_RANGES,
     maps::SOCK_REVNAT,
+    maps::SERVICE_NAMES,
 ];
 
 fn open(dir: &Path, name: &'static str) -> Result<MapData, DataplaneError> {

@@ -17,7 +17,7 @@ use lb_common::{
     maps,
     service::{ServiceKey, ServiceValue},
     source_range::{SourceRangeKey, SOURCE_RANGE_FRONTEND_BITS},
-    stats::{ServiceStats, SERVICE_STATS_MAX},
+    stats::{ServicePortName, ServiceStats, SERVICE_STATS_MAX},
 };
 
 use super::{
@@ -44,13 +44,18 @@ pub struct MapWriter {
     source_ranges: LpmTrie<MapData, SourceRangeKey, u8>,
     config: Array<MapData, NodeConfig>,
     stats: PerCpuArray<MapData, ServiceStats>,
+    service_names: aya::maps::HashMap<MapData, u32, ServicePortName>,
     /// What the maps hold, as far as this writer knows: read back from the maps at open,
     /// so a restarted agent adopts pinned state and prunes only what is no longer right.
     frontends: BTreeMap<ServiceKey, ServiceValue>,
     slots: BTreeMap<BackendKey, Backend>,
     ranges: BTreeSet<SourceRange>,
     node_config: NodeConfig,
-    /// The Service port each counter slot in use counts; shared, not copied, with readers.
+    names: BTreeMap<u32, ServicePortName>,
+    /// The Service port each counter slot in use counts, since its counters were zeroed;
+    /// shared, not copied, with readers. Adopted at open from the slots' names in
+    /// `XLB_SERVICE_NAMES`, which are written only after the zeroing: a restarted agent keeps
+    /// counting where the one before stopped (the programs counted on meanwhile).
     counted: Arc<BTreeMap<u16, GroupName>>,
     /// The ids of the desired groups and the counter slots of the desired Service ports, as
     /// of the last sync.
@@ -94,6 +99,23 @@ fn frontend_name(key: &ServiceKey) -> String {
     format!("{}:{}", key.ip(), key.host_port())
 }
 
+/// Why an insert into `map` failed, for messages: a full map says so, and which flag sizes it.
+fn refused(map: &str, e: &MapError) -> String {
+    let flag = match map {
+        maps::SERVICES => ", raise --max-services",
+        maps::BACKENDS => ", raise --max-backends",
+        _ => "",
+    };
+    match e {
+        MapError::SyscallError(e) => match e.io_error.raw_os_error() {
+            // A hash map says E2BIG, an LPM trie ENOSPC.
+            Some(libc::E2BIG | libc::ENOSPC) => format!("not written, map {map} is full{flag}"),
+            _ => format!("not written to map {map}: {e}: {}", e.io_error),
+        },
+        e => format!("not written to map {map}: {e}"),
+    }
+}
+
 /// Per group id, how many of its slots the frontends may pick from: the highest count any
 /// frontend reads it with.
 fn slots_read<'a>(frontends: impl IntoIterator<Item = &'a ServiceValue>) -> BTreeMap<u32, u16> {
@@ -126,16 +148,26 @@ impl MapWriter {
                 .map_err(map_err(maps::SOURCE_RANGES))?,
             config: dp.take_map(maps::CONFIG)?.try_into().map_err(map_err(maps::CONFIG))?,
             stats: dp.take_map(maps::SERVICE_STATS)?.try_into().map_err(map_err(maps::SERVICE_STATS))?,
+            service_names: dp
+                .take_map(maps::SERVICE_NAMES)?
+                .try_into()
+                .map_err(map_err(maps::SERVICE_NAMES))?,
             frontends: BTreeMap::new(),
             slots: BTreeMap::new(),
             ranges: BTreeSet::new(),
             node_config: NodeConfig::default(),
+            names: BTreeMap::new(),
             counted: Arc::default(),
             group_ids: Ids::default(),
             stats_indices: Ids::default(),
             synced: None,
         };
         writer.reread()?;
+        let named = writer.names.iter().filter_map(|(slot, name)| {
+            let index = u16::try_from(*slot).ok().filter(|i| *i != 0)?;
+            Some((index, GroupName::from(name.as_str()?)))
+        });
+        writer.counted = Arc::new(named.collect());
         Ok(writer)
     }
 
@@ -152,6 +184,8 @@ impl MapWriter {
             .collect::<Result<_, _>>()
             .map_err(map_err(maps::SOURCE_RANGES))?;
         self.node_config = self.config.get(&0, 0).map_err(map_err(maps::CONFIG))?;
+        self.names =
+            self.service_names.iter().collect::<Result<_, _>>().map_err(map_err(maps::SERVICE_NAMES))?;
         Ok(())
     }
 
@@ -194,7 +228,8 @@ impl MapWriter {
 
     /// Diffs everything, with ids assigned afresh from what the maps hold.
     fn sync_all(&mut self, desired: &DesiredState) -> SyncReport {
-        self.group_ids = group_ids(&self.frontends, &self.slots, desired).into_iter().collect();
+        self.group_ids =
+            group_ids(&self.frontends, &self.slots, desired, &self.group_ids).into_iter().collect();
         let indices = stats_indices(&self.frontends, desired);
         self.stats_indices = indices.into_iter().map(|(name, index)| (name, u32::from(index))).collect();
         let ranged = desired.source_ranges.iter().chain(&self.ranges).map(|(key, _, _)| key);
@@ -206,6 +241,7 @@ impl MapWriter {
                 .counted
                 .keys()
                 .map(|i| u32::from(*i))
+                .chain(self.names.keys().copied())
                 .chain(self.stats_indices.ids())
                 .collect(),
         };
@@ -272,21 +308,37 @@ impl MapWriter {
             source_ranges: desired.source_ranges.len(),
             ..Default::default()
         };
-        // A slot starts counting a Service port from zero, before any frontend points at it.
+        // A slot starts counting a Service port from zero, before any frontend points at it,
+        // and is named after the Service port once zeroed (`XLB_SERVICE_NAMES`). The names of
+        // slots no longer counting go with the removed slots, after the frontends.
         for &slot in &scope.counter_slots {
             let Ok(index) = u16::try_from(slot) else { continue };
             let port = self.stats_indices.name(slot).cloned();
-            if self.counted.get(&index) == port.as_ref() {
+            if self.counted.get(&index) != port.as_ref() {
+                // Until reset, the slot counts no Service port.
+                Arc::make_mut(&mut self.counted).remove(&index);
+                if let Some(port) = port {
+                    match self.reset_counters(index) {
+                        Ok(()) => {
+                            Arc::make_mut(&mut self.counted).insert(index, port);
+                        }
+                        Err(e) => {
+                            report.failures.push(format!("{port}: resetting counter slot {index}: {e}"))
+                        }
+                    }
+                }
+            }
+            let Some(port) = self.counted.get(&index) else { continue };
+            let name = ServicePortName::new(port);
+            if self.names.get(&slot) == Some(&name) {
                 continue;
             }
-            // Until reset, the slot counts no Service port.
-            Arc::make_mut(&mut self.counted).remove(&index);
-            let Some(port) = port else { continue };
-            match self.reset_counters(index) {
+            match self.service_names.insert(slot, name, 0) {
                 Ok(()) => {
-                    Arc::make_mut(&mut self.counted).insert(index, port);
+                    self.names.insert(slot, name);
+                    report.written += 1;
                 }
-                Err(e) => report.failures.push(format!("{port}: resetting counter slot {index}: {e}")),
+                Err(e) => report.failures.push(format!("{port}: naming counter slot {index}: {e}")),
             }
         }
         // Every desired group has an id (a changes-only sync falls back to a full one
@@ -342,9 +394,10 @@ impl MapWriter {
                 Err(e) => {
                     broken_groups.insert(key.group_id);
                     report.failures.push(format!(
-                        "{}: backend slot {}: {e}",
+                        "Service {}: backend slot {} {}",
                         group_of(key.group_id),
-                        key.slot
+                        key.slot,
+                        refused(maps::BACKENDS, &e)
                     ));
                 }
             }
@@ -365,10 +418,11 @@ impl MapWriter {
                     report.written += 1;
                 }
                 Err(e) => report.failures.push(format!(
-                    "{}: source range {}/{}: {e}",
+                    "{}: source range {}/{} {}",
                     frontend_name(&range.0),
                     range.1,
-                    range.2
+                    range.2,
+                    refused(maps::SOURCE_RANGES, &e)
                 )),
             }
         }
@@ -380,7 +434,7 @@ impl MapWriter {
                 [value.group_id, value.internal_group_id].into_iter().find(|id| broken_groups.contains(id))
             {
                 report.failures.push(format!(
-                    "{}: frontend {} left as it was: backends incomplete",
+                    "Service {}: frontend {} left as it was: backends incomplete",
                     group_of(id),
                     frontend_name(key)
                 ));
@@ -392,9 +446,10 @@ impl MapWriter {
                     report.written += 1;
                 }
                 Err(e) => report.failures.push(format!(
-                    "{}: frontend {}: {e}",
+                    "Service {}: frontend {} {}",
                     group_of(value.group_id),
-                    frontend_name(key)
+                    frontend_name(key),
+                    refused(maps::SERVICES, &e)
                 )),
             }
         }
@@ -456,6 +511,33 @@ impl MapWriter {
                 Err(e) => {
                     report.failures.push(format!("removing backend slot {}/{}: {e}", key.group_id, key.slot))
                 }
+            }
+        }
+        // A slot counting no Service port loses its name once no frontend of the scope, as the
+        // maps now hold them, counts into it (a frontend left as it was keeps its name).
+        let still_counted: BTreeSet<u32> = scope
+            .frontends
+            .iter()
+            .filter_map(|key| self.frontends.get(key))
+            .map(|value| u32::from(value.stats_index))
+            .collect();
+        let stale_names: Vec<u32> = scope
+            .counter_slots
+            .iter()
+            .copied()
+            .filter(|slot| self.names.contains_key(slot))
+            .filter(|slot| {
+                let counted = u16::try_from(*slot).is_ok_and(|index| self.counted.contains_key(&index));
+                !counted && !still_counted.contains(slot)
+            })
+            .collect();
+        for slot in stale_names {
+            match self.service_names.remove(&slot) {
+                Ok(()) | Err(MapError::KeyNotFound) => {
+                    self.names.remove(&slot);
+                    report.deleted += 1;
+                }
+                Err(e) => report.failures.push(format!("removing the name of counter slot {slot}: {e}")),
             }
         }
         // The layout version marks the maps as filled by an agent of this version.
@@ -538,15 +620,27 @@ mod tests {
     /// and the backends of its two groups.
     type Seen = BTreeMap<ServiceKey, (u16, u32, Option<GroupName>, Vec<Backend>, Vec<Backend>)>;
 
+    /// The names in `XLB_SERVICE_NAMES`, read back.
+    fn names(w: &MapWriter) -> BTreeMap<u32, String> {
+        let names = w.service_names.iter().map(Result::unwrap);
+        names.map(|(slot, name)| (slot, name.as_str().unwrap().to_string())).collect()
+    }
+
     /// What the maps hold, checking on the way that every slot is one of a desired group or
-    /// one a frontend can pick, that one group name has one id, and that the writer knows the
-    /// maps as they are.
+    /// one a frontend can pick, that one group name has one id, that every counter slot in
+    /// use, and no other, is named after the Service port it counts, and that the writer knows
+    /// the maps as they are.
     fn seen(w: &MapWriter, desired: &DesiredState) -> Seen {
         let services: BTreeMap<ServiceKey, ServiceValue> = w.services.iter().map(Result::unwrap).collect();
         let slots: BTreeMap<BackendKey, Backend> = w.backends.iter().map(Result::unwrap).collect();
         let ranges: BTreeSet<SourceRange> =
             w.source_ranges.keys().map(|k| source_range(&k.unwrap())).collect();
         assert_eq!((&w.frontends, &w.slots, &w.ranges), (&services, &slots, &ranges));
+        let named: BTreeMap<u32, ServicePortName> = w.service_names.iter().map(Result::unwrap).collect();
+        assert_eq!(named, w.names);
+        let counted: BTreeMap<u32, String> =
+            w.counted.iter().map(|(index, port)| (u32::from(*index), port.to_string())).collect();
+        assert_eq!(names(w), counted);
         assert_eq!(ranges, desired.source_ranges);
         let read = slots_read(services.values());
         for key in slots.keys() {
@@ -639,9 +733,9 @@ mod tests {
             let name = format!("svc{n}");
             apply(&mut store, &(nodeport(&name, n, "") + &slice(&name, &["10.244.1.1", "10.244.1.2"])));
         }
-        // 10 Services: 2 frontends and 2 slots each; and the node config, with the layout
-        // version.
-        assert_eq!(sync(&mut w, &mut store, &mut desired), (41, 0));
+        // 10 Services: 2 frontends, 2 slots and a counter slot name each; and the node
+        // config, with the layout version.
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (51, 0));
         // Drift the maps by hand: a changes-only sync does not look there.
         let svc9 = ServiceKey::new(Ipv4Addr::new(10, 96, 0, 9), 80, TCP);
         w.services.remove(&svc9).unwrap();
@@ -656,10 +750,10 @@ mod tests {
         // The periodic full sync reads the maps back and repairs them.
         w.reread().unwrap();
         assert_eq!(sync(&mut w, &mut store, &mut desired), (1, 0));
-        // A deleted Service: its frontends, then its slots.
+        // A deleted Service: its frontends, then its slots and its counter slot's name.
         store
             .delete(&ObjectKey::Service(NamespacedName { namespace: "default".into(), name: "svc5".into() }));
-        assert_eq!(sync(&mut w, &mut store, &mut desired), (0, 5));
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (0, 6));
         assert!(!w.counted.values().any(|port| &**port == "default/svc5:http/TCP"));
     }
 
@@ -691,10 +785,110 @@ mod tests {
         desired.update(&mut store, &NODE);
         let report = w.sync_changes(&desired);
         assert_eq!(report.failures.len(), 3, "{:?}", report.failures);
+        assert_eq!(
+            report.failures[0],
+            "Service default/b:http/TCP: backend slot 1 not written, map XLB_BACKENDS is full, raise --max-backends"
+        );
         assert_eq!(w.synced, None);
         // b's one slot written is pruned by the full diff that follows.
         store.delete(&ObjectKey::Service(NamespacedName { namespace: "default".into(), name: "b".into() }));
         sync(&mut w, &mut store, &mut desired);
         assert_eq!(w.slots.len(), 2);
+    }
+
+    fn service(name: &str) -> ObjectKey {
+        ObjectKey::Service(NamespacedName { namespace: "default".into(), name: name.into() })
+    }
+
+    fn named(pairs: &[(u32, &str)]) -> BTreeMap<u32, String> {
+        pairs.iter().map(|(slot, service)| (*slot, format!("default/{service}:http/TCP"))).collect()
+    }
+
+    #[test]
+    fn a_counter_slot_is_named_while_it_counts_a_service_port_and_renamed_when_reused() {
+        let (_dp, mut w) = writer(1024);
+        let (mut store, mut desired) = (Store::default(), Incremental::default());
+        apply(&mut store, &(nodeport("a", 1, "") + &slice("a", &["10.244.1.1"])));
+        sync(&mut w, &mut store, &mut desired);
+        assert_eq!((names(&w), w.frontends[&key(1)].stats_index), (named(&[(1, "a")]), 1));
+        // Another Service port: another slot, another name.
+        apply(&mut store, &(nodeport("b", 2, "") + &slice("b", &["10.244.1.2"])));
+        sync(&mut w, &mut store, &mut desired);
+        assert_eq!(names(&w), named(&[(1, "a"), (2, "b")]));
+        // A deleted Service: 2 frontends, then its backend slot and its counter slot's name.
+        store.delete(&service("a"));
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (0, 4));
+        assert_eq!(names(&w), named(&[(2, "b")]));
+        // The freed counter slot, given to the next new Service port, is named after it.
+        apply(&mut store, &(nodeport("c", 3, "") + &slice("c", &["10.244.1.3"])));
+        sync(&mut w, &mut store, &mut desired);
+        assert_eq!((names(&w), w.frontends[&key(3)].stats_index), (named(&[(1, "c"), (2, "b")]), 1));
+        // Names removed or changed by hand come back with the next full sync; a stray one goes.
+        w.service_names.remove(&1).unwrap();
+        w.service_names.insert(2, ServicePortName::new("default/x:http/TCP"), 0).unwrap();
+        w.service_names.insert(9, ServicePortName::new("default/y:http/TCP"), 0).unwrap();
+        w.reread().unwrap();
+        assert_eq!(sync(&mut w, &mut store, &mut desired), (2, 1));
+        assert_eq!(names(&w), named(&[(1, "c"), (2, "b")]));
+    }
+
+    /// Removes the pins under its directory when dropped.
+    struct Pins(std::path::PathBuf);
+
+    impl Drop for Pins {
+        fn drop(&mut self) {
+            let _ = crate::dataplane::cleanup(&self.0);
+        }
+    }
+
+    /// The packets counted in each slot of `slots`, summed over CPUs.
+    fn packets(w: &MapWriter, slots: &[u32]) -> Vec<u64> {
+        let per_cpu = slots.iter().map(|slot| w.stats.get(slot, 0).unwrap());
+        per_cpu.map(|values| values.iter().map(|s| s.packets).sum()).collect()
+    }
+
+    #[test]
+    fn a_restarted_writer_keeps_the_counters_of_slots_named_after_the_service_port_they_still_count() {
+        let dir = std::path::Path::new("/sys/fs/bpf").join(format!("xlb-writer-test-{}", std::process::id()));
+        let _pins = Pins(dir.clone());
+        let sizes = MapSizes { services: 1024, backends: 1024, conntrack: 1024 };
+        let mut store = Store::default();
+        for (n, name) in [(1, "a"), (2, "b"), (3, "d")] {
+            apply(&mut store, &(nodeport(name, n, "") + &slice(name, &[&format!("10.244.1.{n}")])));
+        }
+        let cpus = aya::util::nr_cpus().unwrap();
+        {
+            let mut dp = Dataplane::load_pinned(&dir, sizes).expect("loading the programs (needs root)");
+            let mut w = MapWriter::open(&mut dp).unwrap();
+            sync(&mut w, &mut store, &mut Incremental::default());
+            assert_eq!(names(&w), named(&[(1, "a"), (2, "b"), (3, "d")]));
+            // Traffic on every slot: 5 packets on each CPU.
+            let traffic = vec![ServiceStats { packets: 5, bytes: 500 }; cpus];
+            for slot in 1..=3 {
+                w.stats.set(slot, PerCpuValues::try_from(traffic.clone()).unwrap(), 0).unwrap();
+            }
+        }
+        // While no agent runs: slot 2's name is changed by hand, d is deleted and c added.
+        let pin = aya::maps::MapData::from_pin(dir.join(maps::SERVICE_NAMES)).unwrap();
+        let mut pinned: aya::maps::HashMap<_, u32, ServicePortName> =
+            aya::maps::Map::HashMap(pin).try_into().unwrap();
+        pinned.insert(2, ServicePortName::new("default/x:http/TCP"), 0).unwrap();
+        store.delete(&service("d"));
+        apply(&mut store, &(nodeport("c", 4, "") + &slice("c", &["10.244.1.4"])));
+
+        let mut dp = Dataplane::load_pinned(&dir, sizes).unwrap();
+        let mut w = MapWriter::open(&mut dp).unwrap();
+        // The slots' names are what the new writer believes they count.
+        let adopted: BTreeMap<u16, &str> = w.counted.iter().map(|(i, port)| (*i, &**port)).collect();
+        assert_eq!(
+            adopted,
+            [(1, "default/a:http/TCP"), (2, "default/x:http/TCP"), (3, "default/d:http/TCP")].into()
+        );
+        sync(&mut w, &mut store, &mut Incremental::default());
+        // a still counts in slot 1, as named: its counters go on. Slot 2 counted another Service
+        // port as far as its name says: zeroed for b. d's slot is freed with its name; c takes a
+        // slot no frontend used.
+        assert_eq!(names(&w), named(&[(1, "a"), (2, "b"), (4, "c")]));
+        assert_eq!(packets(&w, &[1, 2, 4]), [5 * cpus as u64, 0, 0]);
     }
 }
