@@ -30,9 +30,11 @@ impl Plan {
                 service_counts: vec![100, 1_000, 5_000, 10_000],
                 repeats: 5,
                 endpoints_per_service: ENDPOINTS_PER_SERVICE,
-                conn_ms: 1_000,
+                // Half a second is 8,000-10,000 connections per sample here; longer windows
+                // only stretch the run past its 30 minutes.
+                conn_ms: 500,
                 concurrency: 4,
-                stream_ms: 1_000,
+                stream_ms: 500,
                 test_runs: 100_000,
             },
             micro_samples: 5,
