@@ -3,11 +3,13 @@
 //! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the programs under
 //! BPF_PROG_TEST_RUN with the fixture cluster (`harness`), the kiada scenario shared by
 //! the demo and the tests (`scenario`), requests from any of the cluster's namespaces
-//! (`traffic`) and a small Kubernetes API server for the agent to follow (`apiserver`).
+//! (`traffic`), a small Kubernetes API server for the agent to follow (`apiserver`) and
+//! the integration tests' shared checks (`checks`).
 //!
 //! Everything but `apiserver` needs root; all addresses come from 198.18.0.0/15 and nothing
 //! is created in the root network namespace.
 pub mod apiserver;
+pub mod checks;
 pub mod frame;
 pub mod harness;
 pub mod kiada;

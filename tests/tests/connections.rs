@@ -19,6 +19,7 @@ use lb_common::{
 };
 use xlb_tests::{
     bin_path,
+    checks::nodes_yaml,
     kiada::{self, Reply},
     netns,
     testbed::{self, Spec, Testbed},
@@ -48,19 +49,6 @@ enum State {
     Ready,
     /// `ready: false, serving: true, terminating: true`: a pod shutting down gracefully.
     Terminating,
-}
-
-/// The Node objects with their InternalIP (the agents' SNAT address).
-fn nodes_yaml(tb: &Testbed) -> String {
-    tb.nodes
-        .iter()
-        .map(|node| {
-            format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n---\n",
-                node.name, node.ip
-            )
-        })
-        .collect()
 }
 
 /// A Service of type `kind` with `ports`; `extra` is appended to its spec (two-space indent).

@@ -11,7 +11,7 @@ use std::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use anyhow::{bail, Context as _};
@@ -20,6 +20,7 @@ use lb_common::{proto, service::ServiceKey};
 use serde_json::{json, Value};
 use xlb_tests::{
     apiserver::{self, ApiServer},
+    checks::{dechunk, eventually, metric},
     kiada::{self, Reply},
     netns,
     testbed::{services_map, Spec, Testbed},
@@ -161,18 +162,6 @@ fn web(spec: Value) -> Service {
     service("web", base)
 }
 
-/// Retries `check` until it passes or `within` is over; returns how long it took.
-fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> anyhow::Result<()>) -> Duration {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return start.elapsed(),
-            Err(e) if start.elapsed() > within => panic!("{what}: not within {within:?}: {e:#}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
-}
-
 /// `count` GETs from `ns` to `target`: the pods that answered. Stops at the first failure,
 /// with a short timeout: a probe must not outlast the change it waits for.
 fn pods_answering(
@@ -238,27 +227,6 @@ fn http_get(c: &Cluster, ns: &str, addr: SocketAddrV4, path: &str) -> anyhow::Re
     let chunked = headers.iter().any(|(n, v)| n.eq_ignore_ascii_case("transfer-encoding") && v == "chunked");
     let body = if chunked { dechunk(body)? } else { body.to_string() };
     Ok(Response { status, headers, body })
-}
-
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("chunk size")?;
-        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
-        if size == 0 {
-            return Ok(body);
-        }
-        body.push_str(after.get(..size).context("short chunk")?);
-        rest = after.get(size + 2..).context("chunk end")?;
-    }
-}
-
-/// The value of the metric line starting with `series` (name and labels, exactly).
-fn metric(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.split(' ').next()?.parse().ok())
 }
 
 fn scrape(c: &Cluster, node: usize) -> anyhow::Result<String> {

@@ -29,6 +29,7 @@ use lb_common::{
     service::ServiceKey,
 };
 use xlb_tests::{
+    checks::{dechunk, eventually, metric, nodes_yaml},
     netns,
     testbed::{services_map, Spec, Testbed},
     traffic,
@@ -45,18 +46,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
 // Manifests
-
-fn nodes_yaml(tb: &Testbed) -> String {
-    tb.nodes
-        .iter()
-        .map(|node| {
-            format!(
-                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n---\n",
-                node.name, node.ip
-            )
-        })
-        .collect()
-}
 
 /// A NodePort Service with `ports` as (name, port, targetPort, nodePort), and its
 /// EndpointSlice on the pods `pods`.
@@ -121,19 +110,6 @@ fn node_get(tb: &Testbed, node: usize, port: u16, path: &str) -> anyhow::Result<
     Ok((status, body))
 }
 
-fn dechunk(mut rest: &str) -> anyhow::Result<String> {
-    let mut body = String::new();
-    loop {
-        let (size, after) = rest.split_once("\r\n").context("chunk size")?;
-        let size = usize::from_str_radix(size.trim(), 16).context("chunk size")?;
-        if size == 0 {
-            return Ok(body);
-        }
-        body.push_str(after.get(..size).context("short chunk")?);
-        rest = after.get(size + 2..).context("chunk end")?;
-    }
-}
-
 fn scrape(tb: &Testbed, node: usize) -> anyhow::Result<String> {
     match node_get(tb, node, METRICS, "/metrics")? {
         (200, body) => Ok(body),
@@ -141,29 +117,8 @@ fn scrape(tb: &Testbed, node: usize) -> anyhow::Result<String> {
     }
 }
 
-/// The value of the sample `series` (name and labels, exactly).
-fn metric(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.split(' ').next()?.parse().ok())
-}
-
 fn health_status(tb: &Testbed, path: &str) -> anyhow::Result<u16> {
     node_get(tb, 0, HEALTHZ, path).map(|(status, _)| status)
-}
-
-/// Retries `check` every 20 ms until it passes, or panics after `within`; returns how long
-/// it took.
-fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> anyhow::Result<()>) -> Duration {
-    let start = Instant::now();
-    loop {
-        match check() {
-            Ok(()) => return start.elapsed(),
-            Err(e) if start.elapsed() > within => panic!("{what}: not within {within:?}: {e:#}"),
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 /// `count` GETs from the external client to `target`, one connection each: the pods that

@@ -183,18 +183,18 @@ impl Ids {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::desired::Frontend;
     use lb_common::proto::TCP;
     use std::net::Ipv4Addr;
 
-    fn key(last: u8) -> ServiceKey {
+    pub(crate) fn key(last: u8) -> ServiceKey {
         ServiceKey::new(Ipv4Addr::new(10, 96, 0, last), 80, TCP)
     }
 
     /// A frontend in the maps reading `group_id` (count 2) and `internal_group_id` (count 1).
-    fn value(group_id: u32, internal_group_id: u32) -> ServiceValue {
+    pub(crate) fn value(group_id: u32, internal_group_id: u32) -> ServiceValue {
         ServiceValue {
             group_id,
             internal_group_id,

@@ -569,22 +569,7 @@ mod tests {
     };
     use lb_common::proto::TCP;
 
-    fn key(last: u8) -> ServiceKey {
-        ServiceKey::new(Ipv4Addr::new(10, 96, 0, last), 80, TCP)
-    }
-
-    /// A frontend in the maps reading `group_id` (count 2) and `internal_group_id` (count 1).
-    fn value(group_id: u32, internal_group_id: u32) -> ServiceValue {
-        ServiceValue {
-            group_id,
-            internal_group_id,
-            backend_count: 2,
-            internal_count: 1,
-            flags: 0,
-            stats_index: 0,
-            affinity_timeout_s: 0,
-        }
-    }
+    use crate::dataplane::ids::tests::{key, value};
 
     #[test]
     fn slots_read_per_id_is_the_highest_count_through_either_field() {
