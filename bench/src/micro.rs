@@ -199,7 +199,7 @@ impl Path {
     fn pass_verdict(self) -> u32 {
         match self.hook() {
             None | Some(Hook::XdpIngress) => XDP_PASS,
-            Some(Hook::TcIngress | Hook::TcEgress) => TC_ACT_OK,
+            Some(Hook::TcExternal | Hook::TcIngress | Hook::TcEgress) => TC_ACT_OK,
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Per-node settings the agent hands to the programs (`XLB_CONFIG`, one array slot).
 
-/// Value of `XLB_CONFIG[0]`. 8 bytes.
+/// Value of `XLB_CONFIG[0]`. 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -13,6 +13,9 @@ pub struct NodeConfig {
     /// programs never read it. It stays at bytes 4..8 in every future layout of this value,
     /// so any later agent can read it from the pinned map.
     pub layout_version: u32,
+    /// Cookie of the node's own network namespace (the agent's), host byte order: sockets
+    /// elsewhere belong to pods, whose UDP the packet path balances (see `lb-ebpf/src/socket.rs`).
+    pub host_netns_cookie: u64,
 }
 
 /// SNAT source ports. Above Linux's default ephemeral range (32768-60999) so a translated
@@ -22,5 +25,5 @@ pub const SNAT_PORT_MAX: u16 = 65535;
 /// Random ports tried before a new connection needing SNAT is dropped as unroutable.
 pub const SNAT_PORT_TRIES: u32 = 8;
 
-const _: () = assert!(core::mem::size_of::<NodeConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<NodeConfig>() == 16);
 crate::user_pod!(NodeConfig);

@@ -235,10 +235,24 @@ mod tests {
     }
 
     #[test]
-    fn affinity_key_is_client_in_network_order_then_host_order_group() {
-        let key = AffinityKey { client_addr: be_addr(198, 18, 0, 100), group_id: 0x0a0b_0c0d };
-        assert_eq!(bytes(&key), ne(&[&[198, 18, 0, 100], &0x0a0b_0c0du32.to_ne_bytes()]));
-        assert_eq!((size_of::<AffinityKey>(), offset_of!(AffinityKey, group_id)), (8, 4));
+    fn affinity_key_is_client_in_network_order_then_host_order_group_and_netns_cookie() {
+        let key = AffinityKey {
+            client_addr: be_addr(198, 18, 0, 100),
+            group_id: 0x0a0b_0c0d,
+            netns_cookie: 0x0102,
+        };
+        assert_eq!(
+            bytes(&key),
+            ne(&[&[198, 18, 0, 100], &0x0a0b_0c0du32.to_ne_bytes(), &0x0102u64.to_ne_bytes()])
+        );
+        assert_eq!(
+            (
+                size_of::<AffinityKey>(),
+                offset_of!(AffinityKey, group_id),
+                offset_of!(AffinityKey, netns_cookie)
+            ),
+            (16, 4, 8)
+        );
     }
 
     #[test]
@@ -299,13 +313,20 @@ mod tests {
     }
 
     #[test]
-    fn node_config_is_snat_address_in_network_order_and_zero_pad() {
-        let config = NodeConfig { snat_addr: be_addr(192, 168, 1, 10), layout_version: 0x0102_0304 };
-        assert_eq!(bytes(&config), ne(&[&[192, 168, 1, 10], &0x0102_0304u32.to_ne_bytes()]));
+    fn node_config_is_snat_address_in_network_order_then_host_order_layout_version_and_netns_cookie() {
+        let config = NodeConfig {
+            snat_addr: be_addr(192, 168, 1, 10),
+            layout_version: 0x0102_0304,
+            host_netns_cookie: 0x0a0b,
+        };
+        assert_eq!(
+            bytes(&config),
+            ne(&[&[192, 168, 1, 10], &0x0102_0304u32.to_ne_bytes(), &0x0a0bu64.to_ne_bytes()])
+        );
         // Where every later agent looks for the version the pinned maps have.
         assert_eq!(offset_of!(NodeConfig, layout_version), 4);
-        assert_eq!(bytes(&NodeConfig::default()), [0; 8]);
-        assert_eq!(size_of::<NodeConfig>(), 8);
+        assert_eq!(bytes(&NodeConfig::default()), [0; 16]);
+        assert_eq!(size_of::<NodeConfig>(), 16);
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub const ALL: [&str; 11] = [
 /// its layout has not changed since the version recorded there and its type, key size, value
 /// size and flags are the ones the programs expect. Any other map is recreated (see "Upgrades"
 /// in docs/ARCHITECTURE.md).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Per map, the layout version in which its layout last changed (a new map: the version
 /// that added it).
@@ -57,10 +57,12 @@ pub const LAYOUT_CHANGED: [(&str, u32); 11] = [
     (CT_SERVICE, 1),
     (CONNTRACK, 1),
     (NAT, 1),
-    (AFFINITY, 1),
+    // Version 3: keyed by network namespace too (socket balancing, per pod).
+    (AFFINITY, 3),
     (SOURCE_RANGES, 1),
     (SOCK_REVNAT, 1),
-    (CONFIG, 1),
+    // Version 3: the node's network namespace cookie.
+    (CONFIG, 3),
     (SERVICE_STATS, 1),
     // Version 2: added.
     (SERVICE_NAMES, 2),

@@ -1,4 +1,5 @@
-//! Incremental Internet checksum updates (RFC 1624), for hooks without checksum helpers.
+//! Internet checksums: incremental updates (RFC 1624) for hooks without checksum helpers, and
+//! fresh ones for the packets the programs write themselves.
 //!
 //! Values are used exactly as loaded from the packet: one's complement sums are byte-order
 //! independent as long as every word is read the same way.
@@ -24,12 +25,39 @@ pub fn replace4(csum: u16, old: u32, new: u32) -> u16 {
     !fold(sum)
 }
 
-/// The Internet checksum of `N` 16-bit words (as loaded from the packet), computed afresh.
+/// The unfolded sum of `N` 16-bit words (as loaded from the packet), for `finish`.
 #[inline(always)]
-pub fn compute<const N: usize>(words: &[u16; N]) -> u16 {
+pub fn sum<const N: usize>(words: &[u16; N]) -> u32 {
     let mut sum = 0u32;
     for w in words {
         sum += *w as u32;
     }
+    sum
+}
+
+/// The checksum of data whose words add up to `sum`.
+#[inline(always)]
+pub fn finish(sum: u32) -> u16 {
     !fold(sum)
+}
+
+/// The Internet checksum of `N` 16-bit words (as loaded from the packet), computed afresh.
+#[inline(always)]
+pub fn compute<const N: usize>(words: &[u16; N]) -> u16 {
+    finish(sum(words))
+}
+
+/// The checksum field value `x` that makes data ending the packet (`words`, its field 0) a
+/// fixed point of checksum offload: an skb still marked CHECKSUM_PARTIAL at that field gets
+/// the checksum of the data written there by the kernel or the NIC (`~(S + x)`, S the sum
+/// of the other words), which equals `x` when `2x = ~S` in one's complement arithmetic,
+/// where doubling is a 1-bit rotation. So bytes summed into an enclosing checksum now stay
+/// the same whether the offload runs or not. (~S = 0 gives 0xffff, which the kernel also
+/// writes for a computed 0.)
+#[inline(always)]
+pub fn partial_fixed_point<const N: usize>(words: &[u16; N]) -> u16 {
+    match !fold(sum(words)) {
+        0 => 0xffff,
+        not_sum => not_sum.rotate_right(1),
+    }
 }

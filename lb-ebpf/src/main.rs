@@ -1,6 +1,8 @@
 //! xlb's kernel programs: thin entry points per hook around one packet pipeline.
 //!
 //! - `xlb_xdp_ingress`: XDP on the node's external interfaces (traffic from the fabric).
+//! - `xlb_tc_external`: the same at TC ingress, for external interfaces where XDP cannot
+//!   answer (a veth whose peer runs no XDP program drops what XDP_TX sends).
 //! - `xlb_tc_ingress`: TC ingress on pod interfaces (traffic from local pods).
 //! - `xlb_tc_egress`: TC egress on external and pod interfaces (after the kernel routed).
 //! - `xlb_sock_*`: cgroup sock_addr hooks for the node's own processes (socket balancing).
@@ -48,6 +50,12 @@ pub fn xlb_xdp_ingress(mut ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn xlb_xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+#[classifier]
+pub fn xlb_tc_external(mut ctx: TcContext) -> i32 {
+    let verdict = pipeline::ingress(&mut ctx, Origin::External);
+    tc_action(&ctx, verdict)
 }
 
 #[classifier]

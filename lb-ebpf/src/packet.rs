@@ -14,6 +14,10 @@ use crate::{
 };
 
 pub trait Packet: Sized {
+    /// Whether the hook may see a packet whose L4 checksum its sender left to offload
+    /// (CHECKSUM_PARTIAL: the field holds only the pseudo-header sum, and the kernel or the
+    /// NIC completes it on the way out). TC may; XDP gets what the wire delivered.
+    const CHECKSUM_MAY_BE_PARTIAL: bool;
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
     /// The frame's length in bytes, all of it: for TC, paged data included (`data_end`
@@ -56,6 +60,8 @@ fn xdp_l4_update(flow: &Flow, p: *mut u16, update: impl FnOnce(u16) -> u16) {
 }
 
 impl Packet for XdpContext {
+    const CHECKSUM_MAY_BE_PARTIAL: bool = false;
+
     #[inline(always)]
     fn data(&self) -> usize {
         // SAFETY: the context pointer is the program's own (see `fresh` for why volatile).
@@ -125,6 +131,8 @@ fn tc_l4_flags(flow: &Flow) -> u64 {
 }
 
 impl Packet for TcContext {
+    const CHECKSUM_MAY_BE_PARTIAL: bool = true;
+
     #[inline(always)]
     fn data(&self) -> usize {
         // SAFETY: the skb pointer is the program's own (see `fresh` for why volatile).

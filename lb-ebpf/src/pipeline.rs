@@ -84,7 +84,7 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
         }
         return Verdict::Drop;
     }
-    let Some(backend) = service::select_backend(&svc, group, flow.saddr, now) else {
+    let Some(backend) = service::select_backend(&svc, group, service::Client::Addr(flow.saddr), now) else {
         return Verdict::Drop;
     };
     let to = Endpoint { addr: backend.addr, port: backend.port };

@@ -2,37 +2,56 @@
 //! packet is turned, in place, into an ICMP port unreachable back to its sender, so a TCP
 //! client sees "connection refused" at once and a UDP client gets ECONNREFUSED.
 //!
-//! Layout after the rewrite (70 bytes): Ethernet (addresses swapped), a new IPv4 header from
-//! the frontend to the client, the ICMP header, then the quoted IPv4 header and first 8 L4
-//! bytes of the rejected packet (RFC 792).
+//! Layout after the rewrite: Ethernet (addresses swapped), a new IPv4 header from the
+//! frontend to the client, the ICMP header, then the quoted IPv4 header and the first L4
+//! bytes of the rejected packet: its whole fixed TCP header (20 bytes, 82-byte frame) or its
+//! UDP header (8 bytes, 70-byte frame). RFC 792 asks for at least 8; a TCP sender with
+//! checksum offload hands TC a CHECKSUM_PARTIAL skb whose pending checksum lies in bytes
+//! 16..18 of its TCP header, and the kernel refuses to cut an skb short of that.
 use lb_common::proto;
 
 use crate::{
     csum,
     packet::Packet,
-    parse::{ptr_at, Flow, ETH_HLEN, ICMP_HLEN, IP_HLEN, UDP_LEN},
+    parse::{ptr_at, Flow, ETH_HLEN, ICMP_HLEN, IP_HLEN, TCP_CSUM_OFF, UDP_CSUM_OFF, UDP_LEN},
 };
 
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 /// Bytes added in front: the new IPv4 and ICMP headers.
 const GROWTH: usize = IP_HLEN + ICMP_HLEN;
-const QUOTED: usize = IP_HLEN + UDP_LEN;
-const ICMP_LEN: usize = ICMP_HLEN + QUOTED;
-const FRAME_LEN: usize = ETH_HLEN + IP_HLEN + ICMP_LEN;
+/// Where the quoted L4 header starts.
+const QUOTED_L4: usize = ETH_HLEN + GROWTH + IP_HLEN;
+const TCP_QUOTED: usize = 20;
 const IP_TTL: u8 = 64;
 
 /// Rewrites the packet of `flow` into an ICMP port unreachable to its sender. `None` when it
-/// cannot (IP options: the quote would not be the fixed 28 bytes); the caller drops then.
+/// cannot (IP options: the quote would not start at a fixed offset); the caller drops then.
 #[inline(always)]
 pub fn port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Option<()> {
     if flow.l4 - flow.l3 != IP_HLEN {
         return None;
     }
+    if flow.proto == proto::TCP {
+        build::<P, { QUOTED_L4 + TCP_QUOTED }, { TCP_QUOTED / 2 }>(pkt, flow, TCP_CSUM_OFF)
+    } else {
+        build::<P, { QUOTED_L4 + UDP_LEN }, { UDP_LEN / 2 }>(pkt, flow, UDP_CSUM_OFF)
+    }
+}
+
+/// Builds the error in a `FRAME`-byte frame quoting `L4_WORDS` 16-bit words of the L4 header,
+/// whose checksum sits at `l4_csum_off` in it.
+#[inline(always)]
+fn build<P: Packet, const FRAME: usize, const L4_WORDS: usize>(
+    pkt: &mut P,
+    flow: &Flow,
+    l4_csum_off: usize,
+) -> Option<()> {
     pkt.grow_head(GROWTH)?;
-    pkt.truncate(FRAME_LEN)?;
-    let frame = ptr_at::<[u8; FRAME_LEN], P>(pkt, 0)? as *mut u8;
-    // SAFETY: `frame` points at FRAME_LEN checked bytes; every offset below is inside them.
+    pkt.truncate(FRAME)?;
+    let frame = ptr_at::<[u8; FRAME], P>(pkt, 0)? as *mut u8;
+    // SAFETY: `frame` points at FRAME checked bytes; every offset below is inside them
+    // (QUOTED_L4 + 2 * L4_WORDS == FRAME, l4_csum_off + 2 <= 2 * L4_WORDS).
     unsafe {
         // The old Ethernet header now sits right before the quoted packet.
         let old_eth = frame.add(GROWTH);
@@ -46,7 +65,7 @@ pub fn port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Option<()> {
         let mut header = [0u8; IP_HLEN];
         header[0] = 0x45;
         header[1] = 0xc0; // precedence "internetwork control", as Linux sends ICMP errors
-        header[2..4].copy_from_slice(&((IP_HLEN + ICMP_LEN) as u16).to_be_bytes());
+        header[2..4].copy_from_slice(&((FRAME - ETH_HLEN) as u16).to_be_bytes());
         header[8] = IP_TTL;
         header[9] = proto::ICMP;
         header[12..16].copy_from_slice(&flow.daddr.to_ne_bytes());
@@ -54,6 +73,13 @@ pub fn port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Option<()> {
         ip.cast::<[u8; IP_HLEN]>().write_unaligned(header);
         let ip_csum = csum::compute(&ip.cast::<[u16; IP_HLEN / 2]>().read_unaligned());
         ip.add(10).cast::<u16>().write_unaligned(ip_csum);
+
+        let l4 = frame.add(QUOTED_L4);
+        if P::CHECKSUM_MAY_BE_PARTIAL {
+            let field = l4.add(l4_csum_off).cast::<u16>();
+            field.write_unaligned(0);
+            field.write_unaligned(csum::partial_fixed_point(&l4.cast::<[u16; L4_WORDS]>().read_unaligned()));
+        }
 
         let icmp = ip.add(IP_HLEN);
         icmp.cast::<[u8; ICMP_HLEN]>().write_unaligned([
@@ -66,8 +92,10 @@ pub fn port_unreachable<P: Packet>(pkt: &mut P, flow: &Flow) -> Option<()> {
             0,
             0,
         ]);
-        let icmp_csum = csum::compute(&icmp.cast::<[u16; ICMP_LEN / 2]>().read_unaligned());
-        icmp.add(2).cast::<u16>().write_unaligned(icmp_csum);
+        // ICMP header and quoted IPv4 header, then the quoted L4 bytes.
+        let head = csum::sum(&icmp.cast::<[u16; (ICMP_HLEN + IP_HLEN) / 2]>().read_unaligned());
+        let tail = csum::sum(&l4.cast::<[u16; L4_WORDS]>().read_unaligned());
+        icmp.add(2).cast::<u16>().write_unaligned(csum::finish(head + tail));
     }
     Some(())
 }

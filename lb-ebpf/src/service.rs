@@ -53,6 +53,14 @@ fn slot(group_id: u32, slot: u32) -> Option<Backend> {
     unsafe { XLB_BACKENDS.get(BackendKey { group_id, slot }).copied() }
 }
 
+/// Who session affinity remembers: a packet's source address, or a socket's network
+/// namespace (one per pod; the node's own for its processes).
+#[derive(Clone, Copy)]
+pub enum Client {
+    Addr(u32),
+    Netns(u64),
+}
+
 /// The backend for a new connection from `client` in group `(group_id, count)` (count > 0):
 /// the client's affinity backend while it is fresh and still in the group, otherwise a
 /// uniformly random slot (remembered when the Service has affinity).
@@ -60,11 +68,14 @@ fn slot(group_id: u32, slot: u32) -> Option<Backend> {
 pub fn select_backend(
     svc: &ServiceValue,
     (group_id, count): (u32, u32),
-    client: u32,
+    client: Client,
     now: u64,
 ) -> Option<Backend> {
     let timeout_ns = svc.affinity_timeout_s as u64 * NS_PER_SEC;
-    let key = AffinityKey { client_addr: client, group_id };
+    let key = match client {
+        Client::Addr(client_addr) => AffinityKey { client_addr, group_id, netns_cookie: 0 },
+        Client::Netns(netns_cookie) => AffinityKey { client_addr: 0, group_id, netns_cookie },
+    };
     if timeout_ns != 0 {
         if let Some(entry) = XLB_AFFINITY.get_ptr_mut(key) {
             // SAFETY: a map value pointer, valid for this program run.

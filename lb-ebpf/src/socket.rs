@@ -1,9 +1,16 @@
-//! Socket load balancing for the node's own processes (cgroup sock_addr hooks): the socket is
-//! pointed at a backend when it connects or sends, and shows the frontend when it receives or
-//! asks for its peer. No packet of such a socket is translated.
+//! Socket load balancing for the processes under `--cgroup-path` (cgroup sock_addr hooks): the
+//! socket is pointed at a backend when it connects or sends, and shows the frontend when it
+//! receives or asks for its peer. No packet of such a socket is translated.
+//!
+//! With the cgroup v2 root as `--cgroup-path` (the DaemonSet), that is the node's own processes
+//! and every pod's. A pod's UDP is left to the packet path (its veth's TC ingress), as
+//! kube-proxy's per-packet NAT: a flow keeps its backend by its tuple, and the agent can move
+//! it off a removed endpoint by deleting its conntrack entry, which a socket connected to the
+//! backend would not notice. Affinity is per client as kube-proxy keeps it: per network
+//! namespace here, since the source address is not chosen yet at `connect()`.
 use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_ANY},
-    helpers::{bpf_get_socket_cookie, bpf_set_retval},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
     programs::SockAddrContext,
 };
 use lb_common::{
@@ -14,7 +21,7 @@ use lb_common::{
 
 use crate::{
     maps::{XLB_CONFIG, XLB_SOCK_REVNAT},
-    service::{self, Origin},
+    service::{self, Client, Origin},
 };
 
 const ECONNREFUSED: i32 = 111;
@@ -38,6 +45,12 @@ fn cookie(ctx: &SockAddrContext) -> u64 {
 }
 
 #[inline(always)]
+fn netns_cookie(ctx: &SockAddrContext) -> u64 {
+    // SAFETY: a helper call on the program's own context.
+    unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) }
+}
+
+#[inline(always)]
 fn now() -> u64 {
     // SAFETY: a plain helper call without arguments.
     unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
@@ -56,6 +69,11 @@ pub fn connect(ctx: &SockAddrContext) -> Verdict {
     let Some((_, svc)) = service::lookup(frontend_addr, frontend_port, protocol) else {
         return Verdict::Allow;
     };
+    let netns = netns_cookie(ctx);
+    let in_pod = XLB_CONFIG.get(0).is_none_or(|c| c.host_netns_cookie != netns);
+    if protocol == proto::UDP && in_pod {
+        return Verdict::Allow;
+    }
     let group = service::group(&svc, Origin::Internal);
     if group.1 == 0 {
         if svc.flags & SVC_F_NO_ENDPOINTS != 0 {
@@ -66,9 +84,7 @@ pub fn connect(ctx: &SockAddrContext) -> Verdict {
         // Local policy without a local endpoint: the connection goes nowhere, as it would drop.
         return Verdict::Allow;
     }
-    // Affinity is per client address; the node's own sockets share the node's.
-    let client = XLB_CONFIG.get(0).map_or(0, |c| c.snat_addr);
-    let Some(backend) = service::select_backend(&svc, group, client, now()) else {
+    let Some(backend) = service::select_backend(&svc, group, Client::Netns(netns), now()) else {
         return Verdict::Allow;
     };
     let key = SockRevNatKey {

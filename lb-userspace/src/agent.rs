@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::Context as _;
 use lb_userspace::{
-    dataplane::{self, Dataplane, Hook, MapSizes, MapWriter},
+    dataplane::{
+        self, external, Dataplane, ExternalHook, ExternalHookMode, FlowTables, Hook, MapSizes, MapWriter,
+    },
     desired::{self, GroupName, NodeContext},
     health::{self, ProxyHealth, ServiceHealthServers},
     kubernetes,
@@ -39,6 +41,7 @@ pub struct Config {
     pub source: Source,
     pub node_name: String,
     pub external_interfaces: Vec<String>,
+    pub external_hook: ExternalHookMode,
     pub pod_interfaces: Option<glob::Pattern>,
     pub bpffs_dir: PathBuf,
     pub cgroup_path: Option<PathBuf>,
@@ -73,16 +76,18 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(
             "maps were recreated: the programs attached now keep serving with the pinned maps until the first sync has filled the new ones"
         );
-    } else {
-        attach_node(&mut dataplane, &config)?;
     }
-    let writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
-    drop(starting);
-
     let health = Arc::new(ProxyHealth::new(config.sync_period));
     let shared = Shared::new(Store::new(config.node_port_range.clone()), health.clone());
     let counted = Counted::default();
     let metrics = Arc::new(Metrics::new(read_dataplane(config.bpffs_dir.clone(), counted.clone())));
+    if !swap_pending {
+        attach_node(&mut dataplane, &config, &metrics)?;
+    }
+    let writer = MapWriter::open(&mut dataplane).context("opening the maps")?;
+    let flows = FlowTables::open(&mut dataplane).context("opening the connection tables")?;
+    drop(starting);
+
     let _servers = runtime.enter();
     if let Some(addr) = config.healthz_bind_address {
         let listener = bind(addr, "--healthz-bind-address")?;
@@ -119,6 +124,7 @@ pub fn run(config: Config) -> anyhow::Result<()> {
         swap_pending,
         dataplane,
         writer,
+        flows,
         desired: desired::Incremental::default(),
         shared,
         metrics,
@@ -131,12 +137,26 @@ pub fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// Attaches the programs to the external interfaces and the cgroup, swapping them into the
-/// links of an earlier agent.
-fn attach_node(dataplane: &mut Dataplane, config: &Config) -> anyhow::Result<()> {
+/// links of an earlier agent. Each external interface takes its traffic at XDP or at TC
+/// (`--external-hook`, `dataplane::external`), logged once and exported in the metrics.
+fn attach_node(dataplane: &mut Dataplane, config: &Config, metrics: &Metrics) -> anyhow::Result<()> {
     for interface in &config.external_interfaces {
-        for hook in [Hook::XdpIngress, Hook::TcEgress] {
+        let driver = netif::driver(interface)
+            .map_err(|error| tracing::warn!(%interface, %error, "reading the interface's driver"))
+            .ok();
+        let (hook, why) = external::choose(config.external_hook, driver.as_deref());
+        let (ingress, other) = match hook {
+            ExternalHook::Xdp => (Hook::XdpIngress, Hook::TcExternal),
+            ExternalHook::Tc => (Hook::TcExternal, Hook::XdpIngress),
+        };
+        for hook in [ingress, Hook::TcEgress] {
             dataplane.attach(hook, interface).with_context(|| format!("external interface {interface}"))?;
         }
+        // Only now that the new ingress hook runs (an earlier agent may have used the other):
+        // no packet goes unbalanced, and one that met both is not a frontend's any more.
+        dataplane.detach(other, interface).with_context(|| format!("external interface {interface}"))?;
+        tracing::info!(%interface, driver = driver.as_deref().unwrap_or("unknown"), %hook, "external interface takes its traffic at {hook}: {why}");
+        metrics.set_external_hook(interface, hook.as_str());
     }
     if let Some(cgroup) = &config.cgroup_path {
         dataplane.attach_cgroup(cgroup).with_context(|| format!("cgroup {}", cgroup.display()))?;
@@ -289,6 +309,7 @@ struct SyncLoop<'a> {
     swap_pending: bool,
     dataplane: Dataplane,
     writer: MapWriter,
+    flows: FlowTables,
     desired: desired::Incremental,
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
@@ -382,9 +403,25 @@ impl SyncLoop<'_> {
         for failure in &report.failures {
             tracing::error!("map write failed: {failure}");
         }
+        // Only after the write: a flow removed earlier could be balanced again to its old
+        // backend. Changes come with every frontend of a changed group.
+        let udp_changed = self.desired.changes().frontends.iter().any(|k| k.proto == lb_common::proto::UDP);
+        if full || self.desired.changes().since.is_none() || udp_changed {
+            let cleanup = self.flows.remove_stale_udp(desired);
+            for failure in &cleanup.failures {
+                tracing::warn!("{failure}");
+            }
+            if cleanup.removed > 0 {
+                tracing::info!(
+                    removed = cleanup.removed,
+                    udp_flows = cleanup.udp_flows,
+                    "removed stale UDP flows"
+                );
+            }
+        }
         if self.swap_pending {
             self.dataplane.swap_in_staged_maps().context("swapping in the recreated maps")?;
-            attach_node(&mut self.dataplane, self.config)?;
+            attach_node(&mut self.dataplane, self.config, &self.metrics)?;
             if let Some(pattern) = &self.config.pod_interfaces {
                 attach_pod_interfaces(&mut self.dataplane, pattern, &mut self.pods);
             }

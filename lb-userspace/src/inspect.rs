@@ -81,6 +81,9 @@ pub enum What {
     /// Traffic per counter slot (`XLB_SERVICE_STATS`, summed over CPUs) and the Service port
     /// it counts, non-zero slots only.
     Stats,
+    /// The hooks attached to each interface (the pinned links): which external interfaces
+    /// take their traffic at XDP and which at TC (`--external-hook`).
+    Interfaces,
 }
 
 /// How to print it.
@@ -101,6 +104,7 @@ pub enum Report {
     Conntrack(Vec<ConntrackRow>),
     Affinity(Vec<AffinityRow>),
     Stats(Vec<StatsRow>),
+    Interfaces(Vec<InterfaceRow>),
 }
 
 /// Reads `what` from the maps pinned under `dir`.
@@ -111,6 +115,7 @@ pub fn read(dir: &Path, what: What) -> Result<Report> {
         What::Conntrack => Report::Conntrack(conntrack(dir)?),
         What::Affinity => Report::Affinity(affinity(dir)?),
         What::Stats => Report::Stats(stats(dir)?),
+        What::Interfaces => Report::Interfaces(interfaces(dir)?),
     })
 }
 
@@ -123,6 +128,7 @@ impl Report {
             Self::Conntrack(rows) => render(rows, format),
             Self::Affinity(rows) => render(rows, format),
             Self::Stats(rows) => render(rows, format),
+            Self::Interfaces(rows) => render(rows, format),
         }
     }
 }
@@ -265,7 +271,10 @@ pub struct ConntrackRow {
 /// One entry of `XLB_AFFINITY`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct AffinityRow {
+    /// A packet's client address (0.0.0.0 for a socket's client).
     pub client: Ipv4Addr,
+    /// A socket's client: the cookie of its network namespace (0 for a packet's client).
+    pub netns_cookie: u64,
     pub group_id: u32,
     pub slot: u32,
     pub backend: Ipv4Addr,
@@ -273,6 +282,14 @@ pub struct AffinityRow {
     pub in_slot: bool,
     /// Since the last new connection that used the entry.
     pub age_s: f64,
+}
+
+/// The hooks attached to one interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct InterfaceRow {
+    pub interface: String,
+    /// Pinned link names, e.g. `xdp_ingress`, `tc_external`, `tc_egress`.
+    pub hooks: Vec<&'static str>,
 }
 
 /// One counter slot of `XLB_SERVICE_STATS`, summed over CPUs.
@@ -421,6 +438,7 @@ pub fn affinity_rows(
         .iter()
         .map(|(key, entry)| AffinityRow {
             client: Ipv4Addr::from(u32::from_be(key.client_addr)),
+            netns_cookie: key.netns_cookie,
             group_id: key.group_id,
             slot: entry.slot,
             backend: Ipv4Addr::from(u32::from_be(entry.backend_addr)),
@@ -430,7 +448,7 @@ pub fn affinity_rows(
             age_s: secs(now.saturating_sub(entry.last_used_ns)),
         })
         .collect();
-    rows.sort_by_key(|r| (r.client, r.group_id));
+    rows.sort_by_key(|r| (r.client, r.netns_cookie, r.group_id));
     rows
 }
 
@@ -538,6 +556,20 @@ pub fn affinity(dir: &Path) -> Result<Vec<AffinityRow>> {
     let entries = read_hash(dir, maps::AFFINITY)?;
     let slots = read_slots(dir)?;
     Ok(affinity_rows(&entries, &slots, monotonic_ns()?))
+}
+
+pub fn interfaces(dir: &Path) -> Result<Vec<InterfaceRow>> {
+    let links = crate::dataplane::attached_hooks(dir)
+        .map_err(|source| InspectError::Io { path: dir.join("links"), source })?;
+    let mut rows: Vec<InterfaceRow> = Vec::new();
+    for (hook, interface) in links {
+        match rows.iter_mut().find(|r| r.interface == interface) {
+            Some(row) => row.hooks.push(hook.pin_name()),
+            None => rows.push(InterfaceRow { interface, hooks: vec![hook.pin_name()] }),
+        }
+    }
+    rows.sort_by(|a, b| a.interface.cmp(&b.interface));
+    Ok(rows)
 }
 
 pub fn stats(dir: &Path) -> Result<Vec<StatsRow>> {
@@ -698,13 +730,23 @@ impl TableRow for AffinityRow {
     const HEADERS: &'static [&'static str] = &["CLIENT", "GROUP", "SLOT", "BACKEND", "IN-SLOT", "AGE"];
     fn cells(&self) -> Vec<String> {
         vec![
-            self.client.to_string(),
+            match self.netns_cookie {
+                0 => self.client.to_string(),
+                cookie => format!("netns {cookie}"),
+            },
             self.group_id.to_string(),
             self.slot.to_string(),
             self.backend.to_string(),
             if self.in_slot { "yes".into() } else { "no".into() },
             human_duration(self.age_s),
         ]
+    }
+}
+
+impl TableRow for InterfaceRow {
+    const HEADERS: &'static [&'static str] = &["INTERFACE", "HOOKS"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.interface.clone(), self.hooks.join(",")]
     }
 }
 
@@ -868,7 +910,8 @@ mod tests {
 
     #[test]
     fn affinity_rows_tell_whether_the_slot_still_holds_the_backend() {
-        let key = AffinityKey { client_addr: u32::from(ip("198.18.0.100")).to_be(), group_id: 3 };
+        let key =
+            AffinityKey { client_addr: u32::from(ip("198.18.0.100")).to_be(), group_id: 3, netns_cookie: 0 };
         let entry = |slot| AffinityEntry {
             slot,
             backend_addr: u32::from(ip("198.18.2.10")).to_be(),

@@ -59,9 +59,15 @@ struct AgentArgs {
     /// This node's name: endpoints with this nodeName are local.
     #[arg(long, env = "NODE_NAME", required_unless_present = "cleanup")]
     node_name: Option<String>,
-    /// Interfaces facing the network (XDP ingress, TC egress), comma-separated.
+    /// Interfaces facing the network (XDP or TC ingress, TC egress), comma-separated.
     #[arg(long, value_delimiter = ',', required_unless_present = "cleanup")]
     external_interfaces: Vec<String>,
+    /// Where external interfaces take their traffic: at XDP (answers such as the REJECT of a
+    /// Service without endpoints leave with XDP_TX), at TC ingress (answers leave with a
+    /// redirect), or auto: TC on veth interfaces (kind nodes: XDP_TX into a veth is dropped
+    /// unless its peer runs an XDP program), XDP elsewhere.
+    #[arg(long, value_enum, default_value_t = lb_userspace::dataplane::ExternalHookMode::Auto)]
+    external_hook: lb_userspace::dataplane::ExternalHookMode,
     /// Glob for pod interfaces (TC ingress and egress), matched again on every sync.
     #[arg(long)]
     pod_interfaces: Option<String>,
@@ -184,6 +190,7 @@ fn main() -> anyhow::Result<()> {
                 source,
                 node_name: args.node_name.expect("required by clap"),
                 external_interfaces: args.external_interfaces,
+                external_hook: args.external_hook,
                 pod_interfaces,
                 bpffs_dir: args.bpffs_dir,
                 cgroup_path: args.cgroup_path,

@@ -69,6 +69,7 @@ pub struct Metrics {
     skipped_objects: Family<[(&'static str, String); 2], Counter>,
     map_write_failures: Counter,
     last_sync: Gauge<f64, AtomicU64>,
+    external_hooks: Family<[(&'static str, String); 2], Gauge>,
 }
 
 impl Metrics {
@@ -113,6 +114,12 @@ impl Metrics {
             "BPF map updates and deletes that failed",
             map_write_failures.clone(),
         );
+        let external_hooks = Family::default();
+        registry.register(
+            "external_interface_hook",
+            "1 for the hook each external interface takes its traffic at (xdp or tc)",
+            external_hooks.clone(),
+        );
         registry.register_collector(Box::new(DataplaneCollector { read: read_dataplane }));
         Self {
             registry,
@@ -122,7 +129,18 @@ impl Metrics {
             skipped_objects,
             map_write_failures,
             last_sync,
+            external_hooks,
         }
+    }
+
+    /// `interface` takes its traffic at `hook` (`xdp` or `tc`).
+    pub fn set_external_hook(&self, interface: &str, hook: &str) {
+        for other in ["xdp", "tc"].into_iter().filter(|h| *h != hook) {
+            self.external_hooks.remove(&[("interface", interface.to_owned()), ("hook", other.to_owned())]);
+        }
+        self.external_hooks
+            .get_or_create(&[("interface", interface.to_owned()), ("hook", hook.to_owned())])
+            .set(1);
     }
 
     /// How long one sync of desired state into the maps took.

@@ -1,10 +1,51 @@
 //! Small helpers the integration tests share: waiting for a condition, reading the agent's
 //! HTTP answers (chunked bodies, Prometheus samples) and the Node objects of a testbed.
-use std::time::{Duration, Instant};
+use std::{
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::{Duration, Instant},
+};
 
-use anyhow::Context as _;
+use anyhow::{bail, ensure, Context as _};
 
-use crate::testbed::Testbed;
+use crate::{netns, testbed::Testbed};
+
+/// The agent's default `--metrics-bind-address` port.
+pub const METRICS_PORT: u16 = 10249;
+
+/// GET `path` on `port` of the node's loopback, from inside node `node`'s namespace:
+/// (status, body).
+pub fn node_get(tb: &Testbed, node: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    let ns = tb.nodes[node].ns.clone();
+    ensure!(tb.owns_namespace(&ns), "{ns} is not ours");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    let raw = netns::within(&ns, move || -> anyhow::Result<Vec<u8>> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw)?;
+        Ok(raw)
+    })??;
+    let text = String::from_utf8(raw).context("not UTF-8")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("status line")?;
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)?
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+/// The agent's `/metrics` on node `node` (its default `--metrics-bind-address`).
+pub fn scrape(tb: &Testbed, node: usize) -> anyhow::Result<String> {
+    match node_get(tb, node, METRICS_PORT, "/metrics")? {
+        (200, body) => Ok(body),
+        (status, _) => bail!("/metrics answered {status}"),
+    }
+}
 
 /// Retries `check` every 20 ms until it passes, or panics after `within`; returns how long
 /// it took.

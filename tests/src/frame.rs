@@ -177,17 +177,35 @@ pub fn quote(frame: &[u8], l4_bytes: usize) -> &[u8] {
     &frame[offset::IP_VER_IHL..offset::L4.saturating_add(l4_bytes).min(frame.len())]
 }
 
+/// How a reject's quote carries the rejected packet's L4 checksum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuotedChecksum {
+    /// As the packet had it (XDP).
+    AsSent,
+    /// The value that checksum offload, were the skb still CHECKSUM_PARTIAL, would write
+    /// there itself (TC: a local sender's packet may be partial).
+    OffloadFixedPoint,
+}
+
 /// What the balancer answers `rejected` (a frame to a Service without endpoints) with: an
 /// ICMP port unreachable from the frontend back to the sender, Ethernet addresses swapped,
-/// IPv4 header as Linux sends ICMP errors (TOS 0xc0, no id, TTL 64), quoting 28 bytes.
-pub fn reject_of(rejected: &[u8]) -> Vec<u8> {
+/// IPv4 header as Linux sends ICMP errors (TOS 0xc0, no id, TTL 64), quoting the IPv4 header
+/// and the first 20 bytes of a TCP header or the 8 of a UDP one.
+pub fn reject_of(rejected: &[u8], quoted_checksum: QuotedChecksum) -> Vec<u8> {
     let ip = &rejected[offset::IP_VER_IHL..];
     let (src, dst) = (
         Ipv4Addr::from(<[u8; 4]>::try_from(&ip[16..20]).unwrap()),
         Ipv4Addr::from(<[u8; 4]>::try_from(&ip[12..16]).unwrap()),
     );
+    let tcp = rejected[offset::IP_VER_IHL + 9] == PROTO_TCP;
     let mut msg = vec![ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, 0, 0, 0, 0, 0];
-    msg.extend_from_slice(quote(rejected, 8));
+    msg.extend_from_slice(quote(rejected, if tcp { 20 } else { 8 }));
+    if quoted_checksum == QuotedChecksum::OffloadFixedPoint {
+        let l4 = &mut msg[8 + 20..];
+        let field = if tcp { 16 } else { 6 };
+        let value = offload_fixed_point(l4, field);
+        l4[field..field + 2].copy_from_slice(&value.to_be_bytes());
+    }
     let c = checksum(&[&msg]);
     msg[2..4].copy_from_slice(&c.to_be_bytes());
     let mut h = [0u8; 20];
@@ -207,6 +225,24 @@ pub fn reject_of(rejected: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&h);
     frame.extend_from_slice(&msg);
     frame
+}
+
+/// The value `x` of the checksum field at `field` in `data` (the end of a packet) that the
+/// kernel's or a NIC's checksum offload leaves as it is: it writes the checksum of the data
+/// with `x` in place, or 0xffff for a computed 0 (skb_checksum_help). Found by trying every
+/// value, to check the programs' closed form independently.
+pub fn offload_fixed_point(data: &[u8], field: usize) -> u16 {
+    let mut data = data.to_vec();
+    (0..=u16::MAX)
+        .find(|x| {
+            data[field..field + 2].copy_from_slice(&x.to_be_bytes());
+            let written = match checksum(&[&data]) {
+                0 => 0xffff,
+                c => c,
+            };
+            written == *x
+        })
+        .expect("a fixed point exists")
 }
 
 /// Byte offsets in frames built here, for hostile variants.

@@ -308,7 +308,9 @@ impl Harness {
         let opts = TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() };
         let result = match hook {
             Hook::XdpIngress => <&Xdp>::try_from(program).unwrap().test_run(opts),
-            Hook::TcIngress | Hook::TcEgress => <&SchedClassifier>::try_from(program).unwrap().test_run(opts),
+            Hook::TcExternal | Hook::TcIngress | Hook::TcEgress => {
+                <&SchedClassifier>::try_from(program).unwrap().test_run(opts)
+            }
         }?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
@@ -413,6 +415,6 @@ pub fn be(addr: SocketAddrV4) -> (u32, u16) {
 pub fn pass_verdict(hook: Hook) -> u32 {
     match hook {
         Hook::XdpIngress => XDP_PASS,
-        Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
+        Hook::TcExternal | Hook::TcIngress | Hook::TcEgress => TC_ACT_OK,
     }
 }

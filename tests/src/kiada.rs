@@ -1,14 +1,17 @@
 //! Client side of the kiada test server: one short HTTP request per connection, or one
-//! datagram. Shared by the in-process tests and `kiada get`.
+//! datagram, over sockets of the calling thread's pod (`sockets`). Shared by the in-process
+//! tests and `kiada get`.
 use std::{
     fmt,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    io::{Read as _, Write},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
     os::fd::AsRawFd as _,
     time::Duration,
 };
 
 use anyhow::{bail, Context as _};
+
+use crate::sockets;
 
 /// Who answered a request, and the client address it saw.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,9 +74,77 @@ pub fn post(addr: SocketAddrV4, body_len: usize, timeout: Duration) -> anyhow::R
     read_reply(stream, addr)
 }
 
+/// The path of a download of `len` bytes (`download`).
+pub fn download_path(len: u64) -> String {
+    format!("/bytes/{len}")
+}
+
+/// The length a download path asks for.
+pub fn download_len(path: &str) -> Option<u64> {
+    path.strip_prefix("/bytes/")?.parse().ok()
+}
+
+/// Byte `i` of every download: a pattern a dropped, repeated or corrupted segment breaks.
+fn pattern(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// Writes `len` bytes of the download pattern (the server's side of `download`).
+pub fn write_pattern(mut out: impl Write, len: u64) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut sent = 0u64;
+    while sent < len {
+        let n = chunk.len().min((len - sent) as usize);
+        for (j, byte) in chunk[..n].iter_mut().enumerate() {
+            *byte = pattern(sent + j as u64);
+        }
+        out.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// Downloads `len` bytes from a kiada server over one connection and checks that every byte
+/// arrived, in order and intact. `timeout` bounds each read and write.
+pub fn download(addr: SocketAddrV4, len: u64, timeout: Duration) -> anyhow::Result<()> {
+    let mut stream = connect(addr, timeout)?;
+    let path = download_path(len);
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+        .with_context(|| format!("sending to {addr}"))?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut head = String::new();
+    while !head.ends_with("\r\n\r\n") {
+        if std::io::BufRead::read_line(&mut reader, &mut head)
+            .with_context(|| format!("reading from {addr}"))?
+            == 0
+        {
+            bail!("{addr} closed before the body: {head:?}");
+        }
+    }
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("{addr} answered {head:?}");
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n =
+            reader.read(&mut buf).with_context(|| format!("reading byte {received} of {len} from {addr}"))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(j) = buf[..n].iter().enumerate().position(|(j, b)| *b != pattern(received + j as u64)) {
+            bail!("byte {} of {len} from {addr} is wrong", received + j as u64);
+        }
+        received += n as u64;
+    }
+    if received != len {
+        bail!("{received} of {len} bytes arrived from {addr}");
+    }
+    Ok(())
+}
+
 fn connect(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<TcpStream> {
-    let stream =
-        TcpStream::connect_timeout(&addr.into(), timeout).with_context(|| format!("connecting to {addr}"))?;
+    let stream = sockets::tcp_connect(addr, timeout).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     Ok(stream)
@@ -96,7 +167,8 @@ fn read_reply(mut stream: TcpStream, addr: SocketAddrV4) -> anyhow::Result<Reply
 /// resolver's often is, with `IP_RECVERR`: an ICMP port unreachable then fails the receive
 /// with "connection refused" instead of passing unseen.
 pub fn get_udp(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<(Reply, SocketAddr)> {
-    let socket = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
+    let socket =
+        sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
     let on: libc::c_int = 1;
     // SAFETY: setsockopt on a socket we own, with an int option value.
     let rc = unsafe {

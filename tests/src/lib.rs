@@ -3,8 +3,8 @@
 //! packet builders for BPF_PROG_TEST_RUN fixtures (`frame`), the programs under
 //! BPF_PROG_TEST_RUN with the fixture cluster (`harness`), the kiada scenario shared by
 //! the demo and the tests (`scenario`), requests from any of the cluster's namespaces
-//! (`traffic`), a small Kubernetes API server for the agent to follow (`apiserver`) and
-//! the integration tests' shared checks (`checks`).
+//! (`traffic`), a small Kubernetes API server for the agent to follow (`apiserver`), the
+//! integration tests' shared checks (`checks`), Services on a testbed (`services`) and the sockets of pods' processes (`sockets`).
 //!
 //! Everything but `apiserver` needs root; all addresses come from 198.18.0.0/15 and nothing
 //! is created in the root network namespace.
@@ -15,6 +15,8 @@ pub mod harness;
 pub mod kiada;
 pub mod netns;
 pub mod scenario;
+pub mod services;
+pub mod sockets;
 pub mod testbed;
 pub mod traffic;
 

@@ -50,18 +50,20 @@ pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'stati
     }
 }
 
-/// Starts `f` on a thread that enters `ns` first (threads it starts inherit the namespace);
-/// `Err` from the handle when entering failed.
+/// Starts `f` on a thread that enters `ns` first (threads it starts inherit the namespace, not
+/// the pod's sockets: `crate::sockets`); `Err` from the handle when entering failed.
 pub fn spawn<T: Send + 'static>(
     ns: &str,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<std::thread::JoinHandle<std::io::Result<T>>> {
     let file = File::open(path(ns)).with_context(|| format!("opening {}", path(ns)))?;
+    let ns = ns.to_string();
     Ok(std::thread::spawn(move || {
         // SAFETY: setns on a valid namespace fd affects only this thread.
         if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(std::io::Error::last_os_error());
         }
+        crate::sockets::entered(&ns);
         Ok(f())
     }))
 }

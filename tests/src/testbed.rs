@@ -9,12 +9,24 @@
 //! Every namespace is named `xlb-<run>-<role>`, so runs side by side never collide, and the
 //! `Testbed` guard tears everything down on drop, panics included: processes it started,
 //! bpffs directories of the agents, the nodes' cgroups, namespaces.
+//!
+//! Nodes are built the way production nodes are: pods keep the kernel's default offloads
+//! (tx checksum, TSO, GSO) on both ends of their veths, and a pod's processes (its server, its
+//! socket factory: `sockets`) live in a cgroup of their own under the node's cgroup, which
+//! is the agent's `--cgroup-path`, as kubelet places pods under the cgroup root the DaemonSet
+//! passes. Only the fabric stays NIC-like (complete checksums). One concession remains, and
+//! `XLB_KIND_NODE=1` drops it: the fabric side of each node's `eth0` runs `xlb_xdp_pass`, so
+//! the agents can take external traffic at XDP (`--external-hook xdp`; XDP_TX into a veth
+//! needs an XDP program on its peer). Kind nodes have none there; with `XLB_KIND_NODE=1` the
+//! agents choose for themselves (`--external-hook auto`: TC on a veth).
 use std::{
     fs,
     io::{BufRead as _, BufReader},
     net::Ipv4Addr,
+    os::{fd::OwnedFd, unix::net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -26,7 +38,7 @@ use aya::{
 use lb_common::service::{ServiceKey, ServiceValue};
 use lb_userspace::dataplane::EBPF_OBJECT;
 
-use crate::{bin_path, netns};
+use crate::{bin_path, netns, sockets};
 
 /// Prefix of every namespace, bpffs directory and cgroup the testbed creates.
 pub const PREFIX: &str = "xlb-";
@@ -54,7 +66,7 @@ pub struct Node {
     pub ip: Ipv4Addr,
     pub bpffs_dir: PathBuf,
     /// cgroup v2 directory of the node's own processes (`host_command`), the agent's
-    /// `--cgroup-path`.
+    /// `--cgroup-path`; its pods' cgroups are below it.
     pub cgroup: PathBuf,
 }
 
@@ -64,6 +76,10 @@ pub struct Pod {
     pub ns: String,
     pub ip: Ipv4Addr,
     pub node: usize,
+    /// The cgroup of the pod's processes, under its node's.
+    pub cgroup: PathBuf,
+    /// The node-side end of its veth.
+    pub veth: String,
 }
 
 pub struct Testbed {
@@ -93,6 +109,13 @@ struct FabricXdp {
 /// install such rules). The suite must pass with and without them.
 pub fn realistic_node() -> bool {
     std::env::var_os("XLB_REALISTIC_NODE").is_some_and(|v| v == "1")
+}
+
+/// `XLB_KIND_NODE=1`: each node's `eth0` is a veth whose peer runs no XDP program, as a kind
+/// node's (its peer sits on the host's bridge), and the agents pick the hook for it
+/// themselves (`--external-hook auto`). The suite must pass with and without it.
+pub fn kind_node() -> bool {
+    std::env::var_os("XLB_KIND_NODE").is_some_and(|v| v == "1")
 }
 
 fn node_ip(i: usize) -> Ipv4Addr {
@@ -172,7 +195,9 @@ impl Testbed {
             fs::create_dir(&node.cgroup).with_context(|| format!("creating {}", node.cgroup.display()))?;
             tb.nodes.push(node);
         }
-        tb.attach_fabric_pass()?;
+        if !kind_node() {
+            tb.attach_fabric_pass()?;
+        }
         for i in 0..spec.nodes {
             for j in (0..spec.nodes).filter(|j| *j != i) {
                 let subnet = format!("198.18.{}.0/24", 1 + j);
@@ -256,15 +281,17 @@ impl Testbed {
 
     fn add_pod(&mut self, pod_name: &str, node: usize) -> anyhow::Result<()> {
         let index = self.pods.iter().filter(|p| p.node == node).count();
+        let veth = format!("pod{index}");
         let pod = Pod {
             name: pod_name.to_string(),
             ns: format!("{PREFIX}{}-{pod_name}", self.run),
             ip: Ipv4Addr::new(198, 18, 1 + node as u8, 10 + index as u8),
             node,
+            cgroup: self.nodes[node].cgroup.join(format!("pod-{pod_name}")),
+            veth: veth.clone(),
         };
         let node_ns = self.nodes[node].ns.clone();
         let gateway = pod_gateway(node).to_string();
-        let veth = format!("pod{index}");
         self.add_ns(&pod.ns)?;
         netns::ip(&[
             "-n", &node_ns, "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pod.ns,
@@ -291,15 +318,38 @@ impl Testbed {
         netns::ip(&["-n", &pod.ns, "link", "set", "eth0", "up"])?;
         netns::ip(&["-n", &pod.ns, "route", "add", &gateway, "dev", "eth0"])?;
         netns::ip(&["-n", &pod.ns, "route", "add", "default", "via", &gateway])?;
-        full_checksums(&pod.ns, "eth0")?;
-        full_checksums(&node_ns, &veth)?;
+        // Both ends keep the kernel's default offloads, as a CNI leaves them.
+        fs::create_dir(&pod.cgroup).with_context(|| format!("creating {}", pod.cgroup.display()))?;
+        self.start_socket_factory(&pod)?;
         self.pods.push(pod);
+        Ok(())
+    }
+
+    /// Starts the pod's socket factory (`sockets`), in its namespace and cgroup.
+    fn start_socket_factory(&mut self, pod: &Pod) -> anyhow::Result<()> {
+        let (ours, theirs) = UnixStream::pair().context("a socket pair for the socket factory")?;
+        let mut cmd = in_cgroup(&pod.ns, &pod.cgroup, &bin_path("kiada"));
+        cmd.arg("sockets").stdin(Stdio::from(OwnedFd::from(theirs)));
+        let child = cmd.spawn().with_context(|| format!("starting the socket factory of {}", pod.ns))?;
+        self.servers.push(child);
+        sockets::register(&pod.ns, Arc::new(sockets::Factory::new(ours)));
+        Ok(())
+    }
+
+    /// Turns tx checksum offload (and with it TSO) off or back on at both ends of pod
+    /// `name`'s veth: for the configuration where a pod's stack sends complete checksums.
+    pub fn set_pod_tx_offload(&self, name: &str, on: bool) -> anyhow::Result<()> {
+        let pod = self.pods.iter().find(|p| p.name == name).with_context(|| format!("no pod {name}"))?;
+        let state = if on { "on" } else { "off" };
+        for (ns, dev) in [(pod.ns.as_str(), "eth0"), (self.nodes[pod.node].ns.as_str(), pod.veth.as_str())] {
+            netns::run(ns, "ethtool", &["-K", dev, "tx", state])?;
+        }
         Ok(())
     }
 
     fn start_server(&mut self, pod: &Pod, spec: &Spec) -> anyhow::Result<()> {
         let join = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
-        let mut cmd = netns::command(&pod.ns, &bin_path("kiada").to_string_lossy());
+        let mut cmd = in_cgroup(&pod.ns, &pod.cgroup, &bin_path("kiada"));
         cmd.args(["serve", "--pod", &pod.name, "--node", &self.nodes[pod.node].name])
             .args(["--tcp", &join(&spec.tcp_ports), "--udp", &join(&spec.udp_ports)])
             .stdout(Stdio::piped());
@@ -339,6 +389,8 @@ impl Testbed {
         cmd.arg("agent")
             .args(source)
             .args(["--node-name", &node.name, "--external-interfaces", "eth0", "--pod-interfaces", "pod*"])
+            // The fabric's XDP programs let XDP_TX through (see the module docs).
+            .args(if kind_node() { &[][..] } else { &["--external-hook", "xdp"][..] })
             .arg("--bpffs-dir")
             .arg(&node.bpffs_dir)
             .arg("--cgroup-path")
@@ -356,9 +408,14 @@ impl Testbed {
     /// cgroup before it execs `program`, so before `program` opens any socket.
     pub fn host_command(&self, node: usize, program: &Path) -> Command {
         let node = &self.nodes[node];
-        let mut cmd = netns::command(&node.ns, "sh");
-        cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#]).arg(&node.cgroup).arg(program);
-        cmd
+        in_cgroup(&node.ns, &node.cgroup, program)
+    }
+
+    /// A command running `program` as one of pod `name`'s processes: in its network
+    /// namespace and its cgroup, under the node's.
+    pub fn pod_command(&self, name: &str, program: &Path) -> anyhow::Result<Command> {
+        let pod = self.pods.iter().find(|p| p.name == name).with_context(|| format!("no pod {name}"))?;
+        Ok(in_cgroup(&pod.ns, &pod.cgroup, program))
     }
 
     /// Where node `i`'s agent writes its log (printed when a test panics).
@@ -483,6 +540,14 @@ impl Testbed {
     }
 }
 
+/// `program` in network namespace `ns` and cgroup `cgroup`: the shell joins the cgroup before
+/// it execs `program`, so before `program` opens any socket.
+fn in_cgroup(ns: &str, cgroup: &Path, program: &Path) -> Command {
+    let mut cmd = netns::command(ns, "sh");
+    cmd.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#]).arg(cgroup).arg(program);
+    cmd
+}
+
 fn sysctl(ns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     netns::run(ns, "sysctl", &["-qw", &format!("{key}={value}")]).map(drop)
 }
@@ -499,8 +564,14 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 file system is mounted")
 }
 
-/// Kills the processes of cgroup `dir` and removes it, once they have exited.
+/// Kills the processes of cgroup `dir` and of the cgroups below it and removes them all, once
+/// their processes have exited.
 fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for child in entries.filter_map(|e| e.ok()).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+            remove_cgroup(&child.path())?;
+        }
+    }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match fs::read_to_string(dir.join("cgroup.procs")) {
@@ -525,8 +596,8 @@ fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
-/// Frames leave veths with complete checksums, as a NIC delivers them: XDP cannot see a
-/// partial (offloaded) checksum and would update it wrongly.
+/// Frames leave the fabric's veths with complete checksums, as a NIC delivers them: XDP
+/// cannot see a partial (offloaded) checksum and would update it wrongly.
 fn full_checksums(ns: &str, dev: &str) -> anyhow::Result<()> {
     netns::run(ns, "ethtool", &["-K", dev, "tx", "off"]).map(drop)
 }
@@ -543,6 +614,9 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         if self.keep {
             return;
+        }
+        for pod in &self.pods {
+            sockets::unregister(&pod.ns);
         }
         for child in self.agents.iter_mut().flatten().chain(self.servers.iter_mut()) {
             let _ = child.kill();

@@ -51,7 +51,8 @@ use lb_common::{
 use lb_userspace::dataplane::{stats::ServiceTraffic, Hook};
 use xlb_tests::{
     frame::{
-        self, next_hop_mtu, ACK, FIN, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, NOP_OPTIONS, RST, SYN, WHOLE,
+        self, next_hop_mtu, QuotedChecksum, ACK, FIN, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, NOP_OPTIONS, RST,
+        SYN, WHOLE,
     },
     harness::*,
 };
@@ -62,7 +63,7 @@ const DEFAULT_SEED: u64 = 0x786c_6220_6675_7a7a;
 /// Frames between two resets of the per-connection maps.
 const CHUNK: usize = 2048;
 const MAX_FRAME: usize = 1514;
-const HOOKS: [Hook; 3] = [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress];
+const HOOKS: [Hook; 4] = [Hook::XdpIngress, Hook::TcExternal, Hook::TcIngress, Hook::TcEgress];
 
 const ETH_HLEN: usize = 14;
 const ICMP_TIME_EXCEEDED: u8 = 11;
@@ -298,6 +299,7 @@ fn read_corpus() -> Vec<Seed> {
             let name = path.file_stem().unwrap().to_string_lossy().into_owned();
             let hook = [
                 ("xdp-", Hook::XdpIngress),
+                ("tc-external-", Hook::TcExternal),
                 ("tc-ingress-", Hook::TcIngress),
                 ("tc-egress-", Hook::TcEgress),
             ]
@@ -1171,8 +1173,8 @@ fn swap(frame: &mut [u8], name: &'static str, a: usize, b: usize, width: usize) 
 /// What the frames did, per hook (`HOOKS` order).
 #[derive(Default)]
 struct Tally {
-    runs: [u64; 3],
-    refused: [u64; 3],
+    runs: [u64; HOOKS.len()],
+    refused: [u64; HOOKS.len()],
     not_owned: u64,
     owned: u64,
     translated: u64,
@@ -1235,6 +1237,7 @@ impl Fuzzer {
         let seed = case.seed.map_or("none (random bytes)", |i| self.corpus[i].name.as_str());
         let prefix = match case.hook {
             Hook::XdpIngress => "xdp",
+            Hook::TcExternal => "tc-external",
             Hook::TcIngress => "tc-ingress",
             Hook::TcEgress => "tc-egress",
         };
@@ -1379,13 +1382,14 @@ impl Fuzzer {
                 }
                 problem
             }
-            (Hook::XdpIngress, XDP_DROP) | (Hook::TcIngress | Hook::TcEgress, TC_ACT_SHOT) => {
+            (Hook::XdpIngress, XDP_DROP)
+            | (Hook::TcExternal | Hook::TcIngress | Hook::TcEgress, TC_ACT_SHOT) => {
                 self.tally.dropped += 1;
                 None
             }
-            (Hook::XdpIngress, XDP_TX) | (Hook::TcIngress, TC_ACT_REDIRECT) => {
+            (Hook::XdpIngress, XDP_TX) | (Hook::TcExternal | Hook::TcIngress, TC_ACT_REDIRECT) => {
                 self.tally.bounced += 1;
-                self.judge_reject(parsed, &case.frame, &out)
+                self.judge_reject(hook, parsed, &case.frame, &out)
             }
             (_, v) => Some(format!("verdict {v} outside the hook's set")),
         };
@@ -1396,14 +1400,18 @@ impl Fuzzer {
 
     /// A bounce must be the ICMP port unreachable for a new connection to a frontend without
     /// endpoints.
-    fn judge_reject(&self, parsed: &Parsed, input: &[u8], out: &[u8]) -> Option<String> {
+    fn judge_reject(&self, hook: Hook, parsed: &Parsed, input: &[u8], out: &[u8]) -> Option<String> {
         let Parsed::Flow { flow, .. } = parsed else {
             return Some("an ICMP error was bounced".into());
         };
         if self.oracle.frontend(&flow.key).is_none_or(|flags| flags & SVC_F_NO_ENDPOINTS == 0) {
             return Some("bounced, but not addressed to a frontend without endpoints".into());
         }
-        (out != frame::reject_of(input))
+        let quoted = match hook {
+            Hook::XdpIngress => QuotedChecksum::AsSent,
+            _ => QuotedChecksum::OffloadFixedPoint,
+        };
+        (out != frame::reject_of(input, quoted))
             .then(|| "bounced, but not as the ICMP port unreachable of the frame".into())
     }
 }

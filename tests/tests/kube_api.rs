@@ -6,7 +6,7 @@
 use std::{
     collections::BTreeSet,
     io::{Read as _, Write as _},
-    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    net::{Ipv4Addr, SocketAddrV4},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -22,7 +22,7 @@ use xlb_tests::{
     apiserver::{self, ApiServer},
     checks::{dechunk, eventually, metric},
     kiada::{self, Reply},
-    netns,
+    netns, sockets,
     testbed::{services_map, Spec, Testbed},
     traffic::{self, tally_pods},
 };
@@ -208,7 +208,7 @@ fn http_get(c: &Cluster, ns: &str, addr: SocketAddrV4, path: &str) -> anyhow::Re
     }
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     let raw = netns::within(ns, move || -> anyhow::Result<Vec<u8>> {
-        let mut stream = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(2))?;
+        let mut stream = sockets::tcp_connect(addr, Duration::from_secs(2))?;
         stream.set_read_timeout(Some(Duration::from_secs(2)))?;
         stream.write_all(request.as_bytes())?;
         let mut raw = Vec::new();
@@ -477,7 +477,7 @@ fn health_check_node_port_healthz_and_metrics_answer_like_kube_proxy() {
     eventually("healthCheckNodePort closed with its Service", FOLLOW, || {
         match netns::within(&c.tb.client, {
             let addr = c.node_addr(0, HC);
-            move || TcpStream::connect_timeout(&addr.into(), Duration::from_secs(1))
+            move || sockets::tcp_connect(addr, Duration::from_secs(1))
         })? {
             Ok(_) => bail!("still open"),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),

@@ -10,7 +10,7 @@
 //!   stays 200, and once room is made the refused entries are written and answer.
 use std::{
     collections::{BTreeSet, HashSet},
-    io::{BufRead as _, BufReader, Read as _, Write as _},
+    io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
     os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
@@ -29,8 +29,8 @@ use lb_common::{
     service::ServiceKey,
 };
 use xlb_tests::{
-    checks::{dechunk, eventually, metric, nodes_yaml},
-    netns,
+    checks::{eventually, metric, node_get, nodes_yaml, scrape},
+    netns, sockets,
     testbed::{services_map, Spec, Testbed},
     traffic,
 };
@@ -41,7 +41,6 @@ const HTTP: u16 = 8080;
 const ECHO: u16 = 9000;
 /// The agent's /healthz and /livez, and /metrics (on the node's loopback).
 const HEALTHZ: u16 = 10256;
-const METRICS: u16 = 10249;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------------------
@@ -83,39 +82,6 @@ fn nodeport_yaml(
 
 // ---------------------------------------------------------------------------------------
 // The agent's HTTP servers, from inside node-a's namespace
-
-/// GET `path` on `port` of the node's loopback, from inside node `node`'s namespace:
-/// (status, body).
-fn node_get(tb: &Testbed, node: usize, port: u16, path: &str) -> anyhow::Result<(u16, String)> {
-    let ns = tb.nodes[node].ns.clone();
-    ensure!(tb.owns_namespace(&ns), "{ns} is not ours");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    let raw = netns::within(&ns, move || -> anyhow::Result<Vec<u8>> {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(request.as_bytes())?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        Ok(raw)
-    })??;
-    let text = String::from_utf8(raw).context("not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).context("status line")?;
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        dechunk(body)?
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
-}
-
-fn scrape(tb: &Testbed, node: usize) -> anyhow::Result<String> {
-    match node_get(tb, node, METRICS, "/metrics")? {
-        (200, body) => Ok(body),
-        (status, _) => bail!("/metrics answered {status}"),
-    }
-}
 
 fn health_status(tb: &Testbed, path: &str) -> anyhow::Result<u16> {
     node_get(tb, 0, HEALTHZ, path).map(|(status, _)| status)
@@ -235,7 +201,7 @@ struct Echo {
 
 impl Echo {
     fn open(target: SocketAddrV4) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect_timeout(&target.into(), Duration::from_secs(2))?;
+        let stream = sockets::tcp_connect(target, Duration::from_secs(2))?;
         // Long enough for a retransmission after losses in a burst (RTO backs off from 200 ms):
         // a timeout means a connection that no longer answers, not a slow one.
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;

@@ -14,7 +14,11 @@ use lb_common::{
 };
 use lb_userspace::dataplane::Hook;
 use xlb_tests::{
-    frame::{self, next_hop_mtu, offset, ACK, NOP_OPTIONS, RST, SYN, WHOLE},
+    frame::{
+        self, next_hop_mtu, offset,
+        QuotedChecksum::{AsSent, OffloadFixedPoint},
+        ACK, NOP_OPTIONS, RST, SYN, WHOLE,
+    },
     harness::*,
 };
 
@@ -182,11 +186,16 @@ fn udp_checksums_are_updated_or_left_absent() {
 fn service_without_endpoints_rejects_with_port_unreachable() {
     let h = Harness::new();
     let input = frame::tcp(CLIENT, NP_EMPTY, SYN);
-    assert_frame("XDP", h.run(Hook::XdpIngress, &input), XDP_TX, &frame::reject_of(&input));
+    assert_frame("XDP", h.run(Hook::XdpIngress, &input), XDP_TX, &frame::reject_of(&input, AsSent));
+    let at_tc = frame::reject_of(&input, OffloadFixedPoint);
+    assert_frame("TC external", h.run(Hook::TcExternal, &input), TC_ACT_REDIRECT, &at_tc);
     let from_pod = frame::tcp(POD_A2, NP_EMPTY, SYN);
-    assert_frame("TC", h.run(Hook::TcIngress, &from_pod), TC_ACT_REDIRECT, &frame::reject_of(&from_pod));
+    let want = frame::reject_of(&from_pod, OffloadFixedPoint);
+    assert_frame("TC", h.run(Hook::TcIngress, &from_pod), TC_ACT_REDIRECT, &want);
     let udp = frame::udp(CLIENT, NP_EMPTY_UDP, true);
-    assert_frame("XDP UDP", h.run(Hook::XdpIngress, &udp), XDP_TX, &frame::reject_of(&udp));
+    assert_frame("XDP UDP", h.run(Hook::XdpIngress, &udp), XDP_TX, &frame::reject_of(&udp, AsSent));
+    let want = frame::reject_of(&udp, OffloadFixedPoint);
+    assert_frame("TC external UDP", h.run(Hook::TcExternal, &udp), TC_ACT_REDIRECT, &want);
     assert_eq!(h.entries(), 0, "no state for a rejected connection");
 }
 
@@ -766,7 +775,8 @@ fn icmp_errors_cut_inside_the_quote_pass_unchanged() {
 fn udp_to_a_service_without_endpoints_is_rejected_at_tc_ingress() {
     let h = Harness::new();
     let input = frame::udp(POD_A2, CIP_EMPTY_DNS, true);
-    assert_frame("UDP", h.run(Hook::TcIngress, &input), TC_ACT_REDIRECT, &frame::reject_of(&input));
+    let want = frame::reject_of(&input, OffloadFixedPoint);
+    assert_frame("UDP", h.run(Hook::TcIngress, &input), TC_ACT_REDIRECT, &want);
     assert_eq!(h.entries(), 0, "no state for a rejected connection");
 }
 

@@ -35,7 +35,7 @@ use lb_common::{
 };
 use xlb_tests::{
     apiserver::ApiServer,
-    kiada, netns,
+    kiada, netns, sockets,
     testbed::{Spec, Testbed},
 };
 
@@ -187,7 +187,7 @@ fn open_streams(
             if wanted.iter().all(|b| per_backend.get(b).copied().unwrap_or(0) >= STREAMS_PER_BACKEND) {
                 return Ok(opened);
             }
-            let mut stream = TcpStream::connect_timeout(&target.into(), IO_TIMEOUT)?;
+            let mut stream = sockets::tcp_connect(target, IO_TIMEOUT)?;
             stream.set_read_timeout(Some(IO_TIMEOUT))?;
             stream.set_write_timeout(Some(IO_TIMEOUT))?;
             stream.set_nodelay(true)?;

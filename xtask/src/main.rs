@@ -35,8 +35,9 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
-    /// Run every test: unit, eBPF packet fixtures and fuzzing, namespace integration tests;
-    /// then the integration tests again on realistic nodes (`XLB_REALISTIC_NODE=1`).
+    /// Run every test: unit, eBPF packet fixtures and fuzzing, namespace integration tests on
+    /// production-like nodes; then the integration tests again on filtering nodes
+    /// (`XLB_REALISTIC_NODE=1`) and on kind-style nodes (`XLB_KIND_NODE=1`).
     Test {
         /// Fuzz the packet path with 10,000,000 frames instead of 1,000,000 (about 30 s more).
         #[arg(long)]
@@ -95,13 +96,14 @@ fn main() -> anyhow::Result<()> {
                 all.env("XLB_FUZZ_FRAMES", LONG_FUZZ_FRAMES);
             }
             run(&mut all)?;
-            step(
-                "running the integration tests again with XLB_REALISTIC_NODE=1 (rp_filter, INVALID dropped)",
-            );
-            run(Command::new(env!("CARGO"))
-                .current_dir(&root)
-                .args(["test", "--release", "--locked", "-p", "xlb-tests", "--tests"])
-                .env("XLB_REALISTIC_NODE", "1"))
+            for (env, what) in NODE_VARIANTS {
+                step(&format!("running the integration tests again with {env}=1 ({what})"));
+                run(Command::new(env!("CARGO"))
+                    .current_dir(&root)
+                    .args(["test", "--release", "--locked", "-p", "xlb-tests", "--tests"])
+                    .env(env, "1"))?;
+            }
+            Ok(())
         }
         Cmd::Bench { quick } => {
             setup::ensure()?;
@@ -116,6 +118,13 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+/// The node variants the namespace tests run on besides the production-like default
+/// (tests/src/testbed.rs): the environment variable that selects each, and what it changes.
+const NODE_VARIANTS: [(&str, &str); 2] = [
+    ("XLB_REALISTIC_NODE", "rp_filter, INVALID dropped"),
+    ("XLB_KIND_NODE", "kind-style nodes: no XDP program on eth0's peer, --external-hook auto"),
+];
 
 /// Frames `cargo xtask test --long` fuzzes the packet path with (tests/tests/fuzz.rs).
 const LONG_FUZZ_FRAMES: &str = "10000000";

@@ -61,6 +61,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataplaneError + '_ {
 pub enum Hook {
     /// XDP on an external interface: the node's traffic from the fabric.
     XdpIngress,
+    /// The same pipeline at TC ingress, for external interfaces where XDP cannot answer
+    /// (`external`).
+    TcExternal,
     /// TC ingress on a pod interface: traffic from a local pod.
     TcIngress,
     /// TC egress on any interface: after the kernel routed.
@@ -71,14 +74,19 @@ impl Hook {
     pub const fn program(self) -> &'static str {
         match self {
             Self::XdpIngress => "xlb_xdp_ingress",
+            Self::TcExternal => "xlb_tc_external",
             Self::TcIngress => "xlb_tc_ingress",
             Self::TcEgress => "xlb_tc_egress",
         }
     }
 
-    const fn pin_name(self) -> &'static str {
+    pub const ALL: [Hook; 4] = [Self::XdpIngress, Self::TcExternal, Self::TcIngress, Self::TcEgress];
+
+    /// The name of its links' pins: `links/<pin name>@<interface>`.
+    pub const fn pin_name(self) -> &'static str {
         match self {
             Self::XdpIngress => "xdp_ingress",
+            Self::TcExternal => "tc_external",
             Self::TcIngress => "tc_ingress",
             Self::TcEgress => "tc_egress",
         }
@@ -195,7 +203,7 @@ impl Dataplane {
         let xdp: &mut Xdp = self.program_mut(Hook::XdpIngress)?;
         xdp.load()
             .map_err(|source| DataplaneError::Program { program: Hook::XdpIngress.program(), source })?;
-        for hook in [Hook::TcIngress, Hook::TcEgress] {
+        for hook in [Hook::TcExternal, Hook::TcIngress, Hook::TcEgress] {
             let tc: &mut SchedClassifier = self.program_mut(hook)?;
             tc.load().map_err(|source| DataplaneError::Program { program: hook.program(), source })?;
         }
@@ -266,9 +274,9 @@ impl Dataplane {
                 let link = xdp.take_link(id).map_err(|e| attach_err(e.into()))?;
                 FdLink::try_from(link).map_err(|e| attach_err(e.into()))?
             }
-            Hook::TcIngress | Hook::TcEgress => {
+            Hook::TcExternal | Hook::TcIngress | Hook::TcEgress => {
                 let attach_type =
-                    if hook == Hook::TcIngress { TcAttachType::Ingress } else { TcAttachType::Egress };
+                    if hook == Hook::TcEgress { TcAttachType::Egress } else { TcAttachType::Ingress };
                 let tc: &mut SchedClassifier = self.program_mut(hook)?;
                 let id = tc.attach(interface, attach_type).map_err(|e| attach_err(e.into()))?;
                 let link = tc.take_link(id).map_err(|e| attach_err(e.into()))?;
@@ -318,7 +326,7 @@ impl Dataplane {
                 // Dropping our handle leaves the pinned link attached.
                 drop(xdp.take_link(id)?);
             }
-            Hook::TcIngress | Hook::TcEgress => {
+            Hook::TcExternal | Hook::TcIngress | Hook::TcEgress => {
                 let tc: &mut SchedClassifier = self.program_mut(hook).map_err(|_| ProgramError::NotLoaded)?;
                 let id = tc.attach_to_link(SchedClassifierLink::try_from(link).map_err(not_ours)?)?;
                 drop(tc.take_link(id)?);
@@ -330,16 +338,39 @@ impl Dataplane {
     /// Removes the pinned links of `interface` (e.g. a pod interface that went away): a link
     /// whose interface is gone holds a program nothing runs.
     pub fn forget_interface(&mut self, interface: &str) -> Result<()> {
-        let Some(links_dir) = &self.links_dir else { return Ok(()) };
-        for hook in [Hook::XdpIngress, Hook::TcIngress, Hook::TcEgress] {
-            let pin = links_dir.join(format!("{}@{interface}", hook.pin_name()));
-            match std::fs::remove_file(&pin) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&pin)(e)),
-                _ => {}
-            }
-        }
-        Ok(())
+        Hook::ALL.into_iter().try_for_each(|hook| self.detach(hook, interface))
     }
+
+    /// Detaches `hook`'s program from `interface` by removing its pinned link, if any (an
+    /// external interface that moved to the other ingress hook).
+    pub fn detach(&mut self, hook: Hook, interface: &str) -> Result<()> {
+        let Some(links_dir) = &self.links_dir else { return Ok(()) };
+        let pin = links_dir.join(format!("{}@{interface}", hook.pin_name()));
+        match std::fs::remove_file(&pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err(&pin)(e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The (hook, interface) pairs with a pinned link under `dir` (an agent's `--bpffs-dir`), in
+/// name order: what `xlb inspect interfaces` shows, with or without a running agent.
+pub fn attached_hooks(dir: &Path) -> io::Result<Vec<(Hook, String)>> {
+    let entries = match std::fs::read_dir(dir.join("links")) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut found = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some((pin_name, interface)) = name.split_once('@') else { continue };
+        if let Some(hook) = Hook::ALL.into_iter().find(|h| h.pin_name() == pin_name) {
+            found.push((hook, interface.to_string()));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 fn is_defunct_link(error: &ProgramError) -> bool {

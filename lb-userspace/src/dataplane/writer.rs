@@ -51,6 +51,8 @@ pub struct MapWriter {
     slots: BTreeMap<BackendKey, Backend>,
     ranges: BTreeSet<SourceRange>,
     node_config: NodeConfig,
+    /// The cookie of the agent's network namespace, the node's own (`NodeConfig`).
+    host_netns_cookie: u64,
     names: BTreeMap<u32, ServicePortName>,
     /// The Service port each counter slot in use counts, since its counters were zeroed;
     /// shared, not copied, with readers. Adopted at open from the slots' names in
@@ -156,6 +158,8 @@ impl MapWriter {
             slots: BTreeMap::new(),
             ranges: BTreeSet::new(),
             node_config: NodeConfig::default(),
+            host_netns_cookie: crate::netif::netns_cookie()
+                .map_err(|source| DataplaneError::Io { path: "SO_NETNS_COOKIE".into(), source })?,
             names: BTreeMap::new(),
             counted: Arc::default(),
             group_ids: Ids::default(),
@@ -544,6 +548,7 @@ impl MapWriter {
         let node_config = NodeConfig {
             snat_addr: desired.snat_addr.map_or(0, |a| u32::from(a).to_be()),
             layout_version: maps::LAYOUT_VERSION,
+            host_netns_cookie: self.host_netns_cookie,
         };
         if node_config != self.node_config {
             match self.config.set(0, node_config, 0) {

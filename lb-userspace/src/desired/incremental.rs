@@ -199,9 +199,14 @@ impl Incremental {
         for name in part.groups.keys() {
             // Only names breaking Kubernetes' rules (`/` or `:` in one) let two Services make
             // the same group name; the last by name holds it, as it was written last.
-            match self.groups.claimants(name).last() {
+            let holder = self.groups.claimants(name).last().cloned();
+            match &holder {
                 Some(holder) => self.state.groups.insert(name.clone(), holder.groups[name].clone()),
                 None => self.state.groups.remove(name),
+            };
+            match holder.as_ref().and_then(|h| h.udp_serving.get(name)) {
+                Some(serving) => self.state.udp_serving.insert(name.clone(), serving.clone()),
+                None => self.state.udp_serving.remove(name),
             };
         }
         if let Some((port, _)) = part.health_check {

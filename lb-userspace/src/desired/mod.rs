@@ -50,6 +50,10 @@ pub struct DesiredState {
     /// Backend groups by name, each in a stable order: per Service port the Cluster group,
     /// and the Local group when a frontend uses it.
     pub groups: BTreeMap<GroupName, Vec<Backend>>,
+    /// Per UDP Service port (named by its Cluster group), the endpoints that serve (ready,
+    /// or serving while terminating), whatever the traffic policies: a tracked UDP flow to
+    /// any other endpoint is stale and gets balanced again (kube-proxy's conntrack cleanup).
+    pub udp_serving: BTreeMap<GroupName, BTreeSet<(Ipv4Addr, u16)>>,
     /// Allowed client ranges of the frontends flagged `SVC_F_SOURCE_RANGES`.
     pub source_ranges: BTreeSet<SourceRange>,
     /// Address for SNAT to backends on other nodes.

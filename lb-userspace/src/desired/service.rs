@@ -23,6 +23,8 @@ pub(super) struct ServicePart {
     /// external IPs, the LB IPs.
     pub frontends: Vec<(ServiceKey, Frontend)>,
     pub groups: BTreeMap<GroupName, Vec<Backend>>,
+    /// The serving endpoints of each UDP port, by its Cluster group (`DesiredState::udp_serving`).
+    pub udp_serving: BTreeMap<GroupName, BTreeSet<(Ipv4Addr, u16)>>,
     /// `loadBalancerSourceRanges`, for its frontends flagged `SVC_F_SOURCE_RANGES`.
     pub source_ranges: Vec<(Ipv4Addr, u8)>,
     /// healthCheckNodePort and the count of this node's ready endpoint IPs.
@@ -41,6 +43,7 @@ impl ServicePart {
             id: svc.id.clone(),
             frontends: Vec::new(),
             groups: BTreeMap::new(),
+            udp_serving: BTreeMap::new(),
             source_ranges: svc.source_ranges.clone(),
             health_check: None,
         };
@@ -61,7 +64,7 @@ impl ServicePart {
         node: &NodeContext,
         zone: Option<&str>,
     ) {
-        let EndpointSets { cluster, local } = endpoint_sets(slices, port, node.name, zone);
+        let EndpointSets { cluster, local, serving } = endpoint_sets(slices, port, node.name, zone);
         let mut name = group_name(svc, port);
         let cluster_group = GroupName::from(name.as_str());
         name.push_str(" local");
@@ -104,6 +107,9 @@ impl ServicePart {
         if svc.internal_policy_local || (svc.external_policy_local && externally_accessible) {
             self.groups.insert(local_group, local);
         }
+        if proto == lb_common::proto::UDP {
+            self.udp_serving.insert(cluster_group.clone(), serving);
+        }
         self.groups.insert(cluster_group, cluster);
     }
 }
@@ -127,6 +133,9 @@ struct EndpointSets {
     cluster: Vec<Backend>,
     /// For Local traffic policy: the same choice among this node's endpoints.
     local: Vec<Backend>,
+    /// Every serving endpoint (ready, or serving while terminating; kube-proxy's
+    /// `IsServing`), whatever the node or zone.
+    serving: BTreeSet<(Ipv4Addr, u16)>,
 }
 
 fn endpoint_sets(
@@ -163,6 +172,7 @@ fn endpoint_sets(
         _ => true,
     };
     EndpointSets {
+        serving: backends.iter().filter(|(ep, _)| ep.serving).map(|(_, b)| (b.ip(), b.host_port())).collect(),
         cluster: eligible(backends.iter().filter(in_zone)),
         local: eligible(backends.iter().filter(|(_, b)| b.flags & BACKEND_F_LOCAL != 0)),
     }

@@ -2,13 +2,14 @@
 //! client.
 //!
 //! `kiada serve` answers HTTP on every `--tcp` port and datagrams on every `--udp` port with
-//! who processed the request and which client address and port it saw; it prints `ready`
-//! once all ports listen. `kiada get tcp|udp ADDR:PORT` sends one request and prints the
+//! who processed the request and which client address and port it saw (`GET /bytes/N`: N
+//! bytes of a known pattern instead); it prints `ready` once all ports listen. `kiada get tcp|udp ADDR:PORT` sends one request and prints the
 //! answer line, then `peer ADDR:PORT` (TCP, from getpeername) or `from ADDR:PORT` (UDP,
 //! where the answer came from): what a node's own process sees of a Service.
 use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::{fd::AsFd as _, unix::net::UnixStream},
     process::ExitCode,
     thread,
     time::Duration,
@@ -38,6 +39,10 @@ enum Cmd {
     },
     /// Send one request; exit status 1 with the error on stderr when it fails.
     Get { proto: Proto, addr: SocketAddrV4 },
+    /// A pod's socket factory: on standard input, a Unix socket to the test process, which
+    /// asks for sockets and gets them created here, in this pod's namespace and cgroup
+    /// (`xlb_tests::sockets`). Exits when the test process closes its end.
+    Sockets,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -53,6 +58,9 @@ fn serve_http(stream: TcpStream, pod: &str, node: &str) -> io::Result<()> {
     let client = stream.peer_addr()?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let download = line.split_whitespace().nth(1).and_then(kiada::download_len);
+    line.clear();
     let mut body_len = 0u64;
     while reader.read_line(&mut line)? > 0 && line != "\r\n" && line != "\n" {
         if let Some((name, value)) = line.split_once(':') {
@@ -66,6 +74,13 @@ fn serve_http(stream: TcpStream, pod: &str, node: &str) -> io::Result<()> {
     // connection under the client's upload.
     if io::copy(&mut reader.take(body_len), &mut io::sink())? != body_len {
         return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    if let Some(len) = download {
+        write!(
+            &stream,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+        )?;
+        return kiada::write_pattern(&stream, len);
     }
     let body = format!("{}\n", Reply { pod: pod.to_string(), node: node.to_string(), client });
     write!(
@@ -121,6 +136,11 @@ fn get(proto: Proto, addr: SocketAddrV4) -> anyhow::Result<(Reply, &'static str,
 fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Serve { pod, node, tcp, udp } => serve(pod, node, &tcp, &udp).map(|()| ExitCode::SUCCESS),
+        Cmd::Sockets => {
+            let stdin = io::stdin().as_fd().try_clone_to_owned()?;
+            xlb_tests::sockets::serve(UnixStream::from(stdin))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Get { proto, addr } => match get(proto, addr) {
             Ok((reply, label, peer)) => {
                 println!("{reply}\n{label} {peer}");
