@@ -407,15 +407,16 @@ impl SyncLoop<'_> {
         // backend. Changes come with every frontend of a changed group.
         let udp_changed = self.desired.changes().frontends.iter().any(|k| k.proto == lb_common::proto::UDP);
         if full || self.desired.changes().since.is_none() || udp_changed {
-            let cleanup = self.flows.remove_stale_udp(desired);
-            for failure in &cleanup.failures {
+            let flows = self.flows.remove_stale_udp(desired);
+            let sockets = self.flows.destroy_stale_udp_sockets(desired);
+            for failure in flows.failures.iter().chain(&sockets.failures) {
                 tracing::warn!("{failure}");
             }
-            if cleanup.removed > 0 {
+            if flows.removed + sockets.removed > 0 {
                 tracing::info!(
-                    removed = cleanup.removed,
-                    udp_flows = cleanup.udp_flows,
-                    "removed stale UDP flows"
+                    flows = flows.removed,
+                    sockets = sockets.removed,
+                    "removed UDP flows and destroyed connected UDP sockets whose endpoint no longer serves"
                 );
             }
         }

@@ -9,10 +9,13 @@
 //!   Service and kept up to date by recomputing only the Services that changed.
 //! - `dataplane`: loading, attaching and pinning the programs (`loader`), and the one map
 //!   writer that diffs desired state, or only what changed in it, against the maps
-//!   (`writer`, with its `ids`), counters read back (`stats`).
+//!   (`writer`, with its `ids`), counters read back (`stats`), which hook takes an external
+//!   interface (`external`), and UDP flows and sockets left on removed endpoints
+//!   (`stale_flows`).
 //! - `inspect`: `xlb inspect`: services, backends, connections, affinity and counters read
 //!   back from the pinned maps as typed rows, printed as a table or JSON.
 //! - `netif`: the node's interfaces and addresses, read in the agent's network namespace.
+//! - `sock_diag`: the node's connected UDP sockets, listed and destroyed through netlink.
 //! - `health`: kube-proxy's health answers: `/healthz` and `/livez`, and one
 //!   healthCheckNodePort server per Service with externalTrafficPolicy Local.
 //! - `metrics`: Prometheus `/metrics`: kube-proxy's sync metrics, object counters, and
@@ -26,4 +29,5 @@ pub mod manifests;
 pub mod metrics;
 pub mod model;
 pub mod netif;
+pub mod sock_diag;
 pub mod sources;

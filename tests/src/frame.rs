@@ -85,6 +85,16 @@ pub fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
     packet(src, dst, PROTO_TCP, &seg)
 }
 
+/// A TCP segment as `tcp` builds it, with sequence number `seq` and acknowledgement `ack`.
+pub fn tcp_seq(src: SocketAddrV4, dst: SocketAddrV4, flags: u8, seq: u32, ack: u32) -> Vec<u8> {
+    let mut seg = tcp_segment(src.port(), dst.port(), flags);
+    seg[4..8].copy_from_slice(&seq.to_be_bytes());
+    seg[8..12].copy_from_slice(&ack.to_be_bytes());
+    let c = l4_checksum(src, dst, PROTO_TCP, &seg);
+    seg[16..18].copy_from_slice(&c.to_be_bytes());
+    packet(src, dst, PROTO_TCP, &seg)
+}
+
 /// The same TCP segment over IPv6, which the balancer leaves alone.
 pub fn tcp6(src: SocketAddrV6, dst: SocketAddrV6, flags: u8) -> Vec<u8> {
     let mut seg = tcp_segment(src.port(), dst.port(), flags);

@@ -14,6 +14,7 @@ pub mod frame;
 pub mod harness;
 pub mod kiada;
 pub mod netns;
+pub mod raw;
 pub mod scenario;
 pub mod services;
 pub mod sockets;

@@ -19,6 +19,7 @@ use lb_common::{
 use crate::{
     bin_path,
     kiada::{self, Reply},
+    netns, sockets,
     testbed::{self, Spec, Testbed},
     traffic,
 };
@@ -46,6 +47,8 @@ pub enum State {
     Ready,
     /// `ready: false, serving: true, terminating: true`: a pod shutting down gracefully.
     Terminating,
+    /// `ready: false, serving: false, terminating: false`: a pod not ready yet.
+    NotReady,
 }
 
 /// A Service of type `kind` with `ports`; `extra` is appended to its spec (two-space indent).
@@ -79,6 +82,7 @@ pub fn slice_yaml(tb: &Testbed, service: &str, ports: &[Port], endpoints: &[(&st
         let conditions = match state {
             State::Ready => "ready: true\n    serving: true\n    terminating: false",
             State::Terminating => "ready: false\n    serving: true\n    terminating: true",
+            State::NotReady => "ready: false\n    serving: false\n    terminating: false",
         };
         yaml += &format!(
             "- addresses:\n  - {}\n  conditions:\n    {conditions}\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {pod_name}\n    namespace: default\n",
@@ -235,4 +239,43 @@ pub fn request(mut stream: TcpStream, addr: SocketAddrV4) -> anyhow::Result<Repl
     };
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "answered {head:?}");
     kiada::parse_reply(body)
+}
+
+/// Datagrams from a fixed source port in `ns` to `target` until one is answered by `want`,
+/// or fails at `deadline` with the pods that did answer.
+pub fn udp_until(
+    tb: &Testbed,
+    ns: &str,
+    target: SocketAddrV4,
+    source_port: u16,
+    want: &str,
+    within: Duration,
+) -> Vec<String> {
+    assert!(tb.owns_namespace(ns));
+    let want = want.to_string();
+    netns::within(ns, move || {
+        let socket = sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).expect("bind");
+        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        let deadline = Instant::now() + within;
+        let mut answered = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            // Refused or lost datagrams (between two endpoints) are retried.
+            let _ = socket.send_to(b"GET", target);
+            if let Ok((len, _)) = socket.recv_from(&mut buf) {
+                let reply = kiada::parse_reply(&String::from_utf8_lossy(&buf[..len])).expect("kiada answer");
+                let done = reply.pod == want;
+                answered.push(reply.pod);
+                if done {
+                    return answered;
+                }
+            }
+        }
+        let mut tally = std::collections::BTreeMap::<String, usize>::new();
+        answered.into_iter().for_each(|pod| *tally.entry(pod).or_default() += 1);
+        panic!(
+            "{target} from port {source_port}: {want} never answered within {within:?}; answers: {tally:?}"
+        );
+    })
+    .expect("namespace")
 }

@@ -12,7 +12,7 @@ use std::{
     collections::{BTreeSet, HashSet},
     io::{BufRead as _, BufReader, Write as _},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::fd::OwnedFd,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc, Arc,
@@ -30,7 +30,7 @@ use lb_common::{
 };
 use xlb_tests::{
     checks::{eventually, metric, node_get, nodes_yaml, scrape},
-    netns, sockets,
+    netns, raw, sockets,
     testbed::{services_map, Spec, Testbed},
     traffic,
 };
@@ -287,103 +287,6 @@ fn syn(src: SocketAddrV4, dst: SocketAddrV4, seq: u32) -> [u8; 40] {
     p
 }
 
-fn os_result(rc: libc::c_int, what: &str) -> anyhow::Result<libc::c_int> {
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context(what.to_string());
-    }
-    Ok(rc)
-}
-
-fn set_option<T>(
-    fd: &OwnedFd,
-    level: libc::c_int,
-    name: libc::c_int,
-    value: T,
-    what: &str,
-) -> anyhow::Result<()> {
-    // SAFETY: setsockopt on a socket we own, with a value of the option's type.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    os_result(rc, what).map(drop)
-}
-
-/// A raw socket that sends whole IPv4 packets (IPPROTO_RAW implies IP_HDRINCL), in the
-/// calling thread's namespace.
-fn raw_sender() -> anyhow::Result<OwnedFd> {
-    // SAFETY: a plain socket call; the descriptor is owned at once.
-    let fd =
-        os_result(unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) }, "raw socket")?;
-    // SAFETY: a fresh descriptor nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn send_packet(fd: &OwnedFd, packet: &[u8], dst: Ipv4Addr) -> std::io::Result<()> {
-    let addr = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sendto with a valid buffer and a sockaddr_in of the right length.
-    let rc = unsafe {
-        libc::sendto(
-            fd.as_raw_fd(),
-            packet.as_ptr().cast(),
-            packet.len(),
-            0,
-            (&addr as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// A packet socket seeing every IPv4 packet through `iface` of the calling thread's
-/// namespace, with a 100 ms receive timeout.
-fn capture(iface: &str) -> anyhow::Result<OwnedFd> {
-    let protocol = (libc::ETH_P_IP as u16).to_be();
-    // SAFETY: a plain socket call; the descriptor is owned at once.
-    let fd = os_result(
-        unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, protocol.into()) },
-        "packet socket",
-    )?;
-    // SAFETY: a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    ensure!(ifindex != 0, "no interface {iface}");
-    // SAFETY: zeroed sockaddr_ll is valid; the fields that matter are set below.
-    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    addr.sll_family = libc::AF_PACKET as u16;
-    addr.sll_protocol = protocol;
-    addr.sll_ifindex = ifindex as i32;
-    // SAFETY: bind with a sockaddr_ll of the right length.
-    let rc = unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&addr as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
-        )
-    };
-    os_result(rc, "binding the packet socket")?;
-    // Room for the whole flood's answers, so none is lost while the test does other work.
-    set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 16 << 20, "SO_RCVBUFFORCE")?;
-    let timeout = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-    set_option(&fd, libc::SOL_SOCKET, libc::SO_RCVTIMEO, timeout, "SO_RCVTIMEO")?;
-    Ok(fd)
-}
-
 /// What the client saw come back for the spoofed SYNs, counted as it comes.
 #[derive(Default)]
 struct Answers {
@@ -420,9 +323,7 @@ fn count_answers(socket: OwnedFd, frontend: SocketAddrV4, stop: &AtomicBool, ans
     let mut translated = HashSet::new();
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::Relaxed) {
-        // SAFETY: recv into a buffer of the given length.
-        let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let Ok(n) = usize::try_from(n) else { continue }; // timeout: look at `stop` again
+        let Some(n) = raw::next(&socket, &mut buf) else { continue }; // timeout: look at `stop` again
         let p = &buf[..n];
         if n < 40 || p[0] >> 4 != 4 || p[9] != 6 {
             continue;
@@ -499,7 +400,7 @@ fn flood(
         }
         let src =
             SocketAddrV4::new(Ipv4Addr::from(u32::from(SPOOFED.0) + i as u32), 1024 + (i % 60_000) as u16);
-        if send_packet(sender, &syn(src, target, i as u32 * 7919), *target.ip()).is_err() {
+        if raw::send(sender, &syn(src, target, i as u32 * 7919), *target.ip()).is_err() {
             errors += 1;
         }
         assert!(started.elapsed() < Duration::from_secs(120), "the flood took over two minutes");
@@ -581,7 +482,7 @@ fn a_syn_flood_larger_than_the_conntrack_table_evicts_and_the_agent_keeps_workin
 
     // The packet socket counting answers, and the raw socket, both in the client namespace.
     let (capture_socket, sender) = netns::within(&client, || -> anyhow::Result<(OwnedFd, OwnedFd)> {
-        Ok((capture("eth0")?, raw_sender()?))
+        Ok((raw::capture("eth0", Duration::from_millis(100))?, raw::sender()?))
     })
     .expect("client namespace")
     .expect("sockets");

@@ -6,9 +6,9 @@
 //! before its fix; each proves its claim with traffic through the agents' programs.
 use std::{
     collections::BTreeSet,
-    io,
+    io::{self, BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddrV4},
-    process::Command,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -171,48 +171,11 @@ fn services_should_be_rejected_when_no_endpoints_exist() {
 // ---------------------------------------------------------------------------------------
 // UDP flows when endpoints change
 
-/// Datagrams from a fixed source port in `ns` to `target` until one is answered by `want`,
-/// or fails at `deadline` with the pods that did answer.
-fn udp_until(
-    tb: &Testbed,
-    ns: &str,
-    target: SocketAddrV4,
-    source_port: u16,
-    want: &str,
-    within: Duration,
-) -> Vec<String> {
-    assert!(tb.owns_namespace(ns));
-    let want = want.to_string();
-    netns::within(ns, move || {
-        let socket = sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).expect("bind");
-        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        let deadline = Instant::now() + within;
-        let mut answered = Vec::new();
-        let mut buf = [0u8; 2048];
-        while Instant::now() < deadline {
-            // Refused or lost datagrams (between two endpoints) are retried.
-            let _ = socket.send_to(b"GET", target);
-            if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                let reply = kiada::parse_reply(&String::from_utf8_lossy(&buf[..len])).expect("kiada answer");
-                let done = reply.pod == want;
-                answered.push(reply.pod);
-                if done {
-                    return answered;
-                }
-            }
-        }
-        let mut tally = std::collections::BTreeMap::<String, usize>::new();
-        answered.into_iter().for_each(|pod| *tally.entry(pod).or_default() += 1);
-        panic!(
-            "{target} from port {source_port}: {want} never answered within {within:?}; answers: {tally:?}"
-        );
-    })
-    .expect("namespace")
-}
-
 /// A UDP client that keeps its source port moves to a serving endpoint once its endpoint
 /// is removed, through a ClusterIP from a pod (the TC path) and through a NodePort from
-/// outside (XDP or TC, and SNAT to the other node): e2e `[sig-network] Conntrack should be
+/// outside (XDP or TC, and SNAT to the other node); a node process's connected UDP socket,
+/// which the socket programs pointed at the endpoint, is destroyed and its next one reaches
+/// the serving endpoint: e2e `[sig-network] Conntrack should be
 /// able to preserve UDP traffic when server pod cycles for a ClusterIP service` / `... for a
 /// NodePort service`. The removed pod keeps running and answering, so only the agent's
 /// flushing of the flow can move the client; before, it reached the removed pod for as long
@@ -240,6 +203,19 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles() {
         ("pod → ClusterIP", curl, SocketAddrV4::new(CLUSTER_IP, 80)),
         ("client → NodePort", client, SocketAddrV4::new(NODE_A, NODE_PORT)),
     ];
+    // A node process with a connected UDP socket, as a resolver keeps one: the socket
+    // programs pointed it at pod-server-1 at connect().
+    let mut resolver = tb
+        .host_command(0, &bin_path("kiada"))
+        .args(["udp-stream", &SocketAddrV4::new(CLUSTER_IP, 80).to_string(), "--until", "pod-server-2"])
+        .args(["--within", "20"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("kiada udp-stream");
+    let mut resolver_lines =
+        BufReader::new(resolver.stdout.take().expect("piped")).lines().map_while(Result::ok);
+    let first = resolver_lines.next();
+    assert_eq!(first.as_deref(), Some("answer pod-server-1"), "the node process's first answer");
     for (what, ns, target) in &paths {
         let answered = udp_until(&tb, ns, *target, 12345, "pod-server-1", Duration::from_secs(5));
         println!("{what}: {answered:?}");
@@ -253,6 +229,21 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles() {
         let answered = udp_until(&tb, ns, *target, 12345, "pod-server-2", Duration::from_secs(5));
         println!("{what} after the change: {answered:?} within {:?}", started.elapsed());
     }
+    // The node process's socket was destroyed (it saw ECONNABORTED), and its new one reached
+    // pod-server-2.
+    let rest: Vec<String> = resolver_lines.collect();
+    let status = resolver.wait().expect("kiada udp-stream");
+    println!(
+        "node process, connected socket: {} answers, then {:?}",
+        rest.len(),
+        rest.iter().rev().take(3).collect::<Vec<_>>()
+    );
+    assert!(
+        status.success(),
+        "the node process's connected socket never reached pod-server-2: {:?}",
+        rest.last()
+    );
+    assert!(rest.iter().any(|l| l == "aborted"), "its socket was not destroyed: {:?}", rest.last());
 }
 
 // ---------------------------------------------------------------------------------------

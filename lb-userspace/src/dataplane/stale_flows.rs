@@ -5,6 +5,12 @@
 //! the entry. Deleting the flow's entries makes its next datagram a new flow, balanced
 //! afresh (or rejected when the Service has no endpoint left). TCP flows are left alone: a
 //! connection to a removed endpoint lives until it ends, as with kube-proxy.
+//!
+//! The same holds one layer up for the node's own connected UDP sockets, which the socket
+//! programs pointed at a backend at `connect()` (pods' UDP takes the packet path): such a
+//! socket whose backend no longer serves its frontend is destroyed (`sock_diag`), so its
+//! process sees ECONNABORTED and connects again, to a serving backend. kube-proxy has no
+//! socket-level balancing and no such sockets; Cilium destroys them the same way.
 use std::net::Ipv4Addr;
 
 use aya::maps::{HashMap, MapData, MapError};
@@ -14,24 +20,26 @@ use lb_common::{
     nat::NatEntry,
     proto,
     service::ServiceKey,
+    socket::{SockRevNatKey, SockRevNatValue},
 };
 
 use super::{Dataplane, DataplaneError};
-use crate::desired::DesiredState;
+use crate::{desired::DesiredState, sock_diag};
 
 /// The connection tables the programs fill.
 pub struct FlowTables {
     conntrack: HashMap<MapData, CtKey, CtEntry>,
     ct_service: HashMap<MapData, CtKey, CtBackend>,
     nat: HashMap<MapData, CtKey, NatEntry>,
+    sock_revnat: HashMap<MapData, SockRevNatKey, SockRevNatValue>,
 }
 
 /// What one cleanup did.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct CleanupReport {
-    /// UDP flows looked at.
+    /// UDP flows (or balanced sockets) looked at.
     pub udp_flows: usize,
-    /// Stale flows removed.
+    /// Stale flows removed (sockets destroyed).
     pub removed: usize,
     pub failures: Vec<String>,
 }
@@ -47,9 +55,14 @@ fn map_err(name: &'static str) -> impl Fn(MapError) -> DataplaneError {
 pub fn is_stale(key: &CtKey, entry: &CtEntry, desired: &DesiredState) -> bool {
     let frontend =
         ServiceKey { addr: entry.frontend_addr, port: entry.frontend_port, proto: key.proto, _pad: 0 };
-    let Some(frontend) = desired.frontends.get(&frontend) else { return true };
-    let backend = (Ipv4Addr::from(u32::from_be(key.daddr)), u16::from_be(key.dport));
-    !desired.udp_serving.get(&frontend.service_port).is_some_and(|serving| serving.contains(&backend))
+    !serves(desired, &frontend, (Ipv4Addr::from(u32::from_be(key.daddr)), u16::from_be(key.dport)))
+}
+
+/// Whether `backend` serves the Service port of UDP frontend `frontend` in `desired`.
+fn serves(desired: &DesiredState, frontend: &ServiceKey, backend: (Ipv4Addr, u16)) -> bool {
+    desired.frontends.get(frontend).is_some_and(|frontend| {
+        desired.udp_serving.get(&frontend.service_port).is_some_and(|serving| serving.contains(&backend))
+    })
 }
 
 impl FlowTables {
@@ -58,7 +71,52 @@ impl FlowTables {
             conntrack: dp.take_map(maps::CONNTRACK)?.try_into().map_err(map_err(maps::CONNTRACK))?,
             ct_service: dp.take_map(maps::CT_SERVICE)?.try_into().map_err(map_err(maps::CT_SERVICE))?,
             nat: dp.take_map(maps::NAT)?.try_into().map_err(map_err(maps::NAT))?,
+            sock_revnat: dp.take_map(maps::SOCK_REVNAT)?.try_into().map_err(map_err(maps::SOCK_REVNAT))?,
         })
+    }
+
+    /// Destroys every connected UDP socket of the node's network namespace (the agent's) that
+    /// the socket programs pointed at a backend that no longer serves the frontend the socket
+    /// addressed.
+    pub fn destroy_stale_udp_sockets(&self, desired: &DesiredState) -> CleanupReport {
+        let mut report = CleanupReport::default();
+        let sockets = match sock_diag::connected_udp_sockets() {
+            Ok(sockets) => sockets,
+            Err(e) => {
+                report.failures.push(format!("listing the node's connected UDP sockets: {e}"));
+                return report;
+            }
+        };
+        for socket in sockets {
+            let key = SockRevNatKey {
+                cookie: socket.cookie,
+                backend_addr: u32::from(*socket.peer.ip()).to_be(),
+                backend_port: socket.peer.port().to_be(),
+                _pad: 0,
+            };
+            // Only sockets the programs balanced have an entry.
+            let Ok(frontend) = self.sock_revnat.get(&key, 0) else { continue };
+            report.udp_flows += 1;
+            let frontend = ServiceKey {
+                addr: frontend.frontend_addr,
+                port: frontend.frontend_port,
+                proto: proto::UDP,
+                _pad: 0,
+            };
+            if serves(desired, &frontend, (*socket.peer.ip(), socket.peer.port())) {
+                continue;
+            }
+            match sock_diag::destroy(&socket) {
+                Ok(()) => report.removed += 1,
+                // Closed meanwhile.
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => report.failures.push(format!(
+                    "destroying the UDP socket {} → {} (a removed endpoint): {e}",
+                    socket.local, socket.peer
+                )),
+            }
+        }
+        report
     }
 
     /// Removes every stale UDP flow (`is_stale`): its conntrack entry, the entry that leads

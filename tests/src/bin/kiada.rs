@@ -39,6 +39,17 @@ enum Cmd {
     },
     /// Send one request; exit status 1 with the error on stderr when it fails.
     Get { proto: Proto, addr: SocketAddrV4 },
+    /// A client that keeps one connected UDP socket to ADDR, as a resolver does, and sends a
+    /// request every 50 ms: prints `answer POD` for each answer and `aborted` when the socket
+    /// is destroyed under it (ECONNABORTED: it then connects a new one). Exits 0 once POD
+    /// `--until` answered, 1 after `--within` seconds.
+    UdpStream {
+        addr: SocketAddrV4,
+        #[arg(long)]
+        until: String,
+        #[arg(long)]
+        within: f64,
+    },
     /// A pod's socket factory: on standard input, a Unix socket to the test process, which
     /// asks for sockets and gets them created here, in this pod's namespace and cgroup
     /// (`xlb_tests::sockets`). Exits when the test process closes its end.
@@ -133,9 +144,50 @@ fn get(proto: Proto, addr: SocketAddrV4) -> anyhow::Result<(Reply, &'static str,
     })
 }
 
+fn udp_stream(addr: SocketAddrV4, until: &str, within: Duration) -> anyhow::Result<ExitCode> {
+    let deadline = std::time::Instant::now() + within;
+    let mut out = io::stdout().lock();
+    while std::time::Instant::now() < deadline {
+        let socket = UdpSocket::bind("0.0.0.0:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < deadline {
+            // A refused or lost datagram is sent again. A destroyed socket reports
+            // ECONNABORTED once and is disconnected: sending fails with EDESTADDRREQ then.
+            let received = socket.send(b"GET").and_then(|_| socket.recv(&mut buf));
+            let aborted = |e: &io::Error| {
+                e.raw_os_error() == Some(libc::ECONNABORTED)
+                    || e.raw_os_error() == Some(libc::EDESTADDRREQ)
+                        && socket.take_error().ok().flatten().and_then(|e| e.raw_os_error())
+                            == Some(libc::ECONNABORTED)
+            };
+            match received {
+                Ok(len) => {
+                    let reply = kiada::parse_reply(&String::from_utf8_lossy(&buf[..len]))?;
+                    writeln!(out, "answer {}", reply.pod)?;
+                    out.flush()?;
+                    if reply.pod == until {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) if aborted(&e) => {
+                    writeln!(out, "aborted")?;
+                    out.flush()?;
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+    }
+    Ok(ExitCode::FAILURE)
+}
+
 fn main() -> anyhow::Result<ExitCode> {
     match Cli::parse().command {
         Cmd::Serve { pod, node, tcp, udp } => serve(pod, node, &tcp, &udp).map(|()| ExitCode::SUCCESS),
+        Cmd::UdpStream { addr, until, within } => udp_stream(addr, &until, Duration::from_secs_f64(within)),
         Cmd::Sockets => {
             let stdin = io::stdin().as_fd().try_clone_to_owned()?;
             xlb_tests::sockets::serve(UnixStream::from(stdin))?;
