@@ -36,6 +36,15 @@ impl fmt::Display for NamespacedName {
     }
 }
 
+/// kube-proxy's `ServicePortName.String()` (pkg/proxy/types.go): `namespace/name:port`, and
+/// `namespace/name` for an unnamed port (no colon).
+pub fn service_port_name(service: &NamespacedName, port_name: &str) -> String {
+    match port_name {
+        "" => service.to_string(),
+        port => format!("{service}:{port}"),
+    }
+}
+
 /// An object field that failed validation: which field, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {reason}")]

@@ -18,7 +18,7 @@ use lb_common::{backend::Backend, service::ServiceKey};
 
 pub use incremental::{Changes, Incremental};
 
-use crate::model::{NamespacedName, ServicePort, ServiceRecord, Store};
+use crate::model::{service_port_name, NamespacedName, ServicePort, ServiceRecord, Store};
 
 /// Name of a backend group, e.g. `default/kiada:http/TCP`: shared, not copied, by the
 /// frontends that use it.
@@ -85,17 +85,22 @@ pub fn frontend_ranges(
     ranges.range((key, Ipv4Addr::UNSPECIFIED, 0)..=(key, Ipv4Addr::BROADCAST, u8::MAX))
 }
 
-/// Names the Cluster backend group of one Service port, e.g. `default/kiada:http/TCP`; its
+/// Names the Cluster backend group of one Service port: kube-proxy's ServicePortName, then
+/// the protocol, e.g. `default/kiada:http/TCP`, `default/dns/UDP` for an unnamed port. Its
 /// Local group has ` local` appended.
 pub fn group_name(svc: &ServiceRecord, port: &ServicePort) -> String {
-    format!("{}:{}/{}", svc.id, port.name, port.protocol)
+    format!("{}/{}", service_port_name(&svc.id, &port.name), port.protocol)
 }
 
-/// (namespace, name, `port/PROTO`) of a Cluster group name: Kubernetes names contain neither
-/// `/` nor `:`, so the split is unambiguous.
+/// (namespace, name, `port/PROTO`) of a Cluster group name, `/PROTO` for an unnamed port:
+/// Kubernetes names and port names contain neither `/` nor `:`, so the split is unambiguous.
 pub fn split_group_name(group: &str) -> (String, String, String) {
-    let (service, port) = group.split_once(':').unwrap_or((group, ""));
-    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    let (namespace, rest) = group.split_once('/').unwrap_or(("", group));
+    let (name, port) = match rest.find([':', '/']) {
+        Some(i) if rest[i..].starts_with(':') => (&rest[..i], &rest[i + 1..]),
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
     (namespace.to_string(), name.to_string(), port.to_string())
 }
 
@@ -314,7 +319,7 @@ mod tests {
             + "kind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.4.4]}]\n";
         let state = compute(&store(&yaml), &node());
         let groups: BTreeMap<GroupName, Vec<Backend>> = [
-            ("default/web:/UDP".into(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
+            ("default/web/UDP".into(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
             ("default/web:http/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]),
             ("default/web:metrics/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 9100, 0)]),
         ]
@@ -797,13 +802,22 @@ mod tests {
     }
 
     #[test]
-    fn split_group_name_inverts_group_name() {
+    fn group_name_is_kube_proxys_service_port_name_then_the_protocol() {
+        // kube-proxy's ServicePortName.String(): `ns/name:port`, no colon for an unnamed port.
         let yaml = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {port: 53, protocol: UDP}]}\n";
         let store = store(yaml);
         let svc = store.services().next().unwrap();
         let names: Vec<String> = svc.ports.iter().map(|p| group_name(svc, p)).collect();
-        assert_eq!(names, vec!["shop/web:http/TCP", "shop/web:/UDP"]);
-        let split: Vec<_> = names.iter().map(|n| split_group_name(n)).collect();
+        assert_eq!(names, vec!["shop/web:http/TCP", "shop/web/UDP"]);
+    }
+
+    #[test]
+    fn split_group_name_inverts_group_name() {
+        let yaml = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {port: 53, protocol: UDP}]}\n";
+        let store = store(yaml);
+        let svc = store.services().next().unwrap();
+        let split: Vec<_> = svc.ports.iter().map(|p| split_group_name(&group_name(svc, p))).collect();
+        // The `port` label: the port name and protocol, `/PROTO` for an unnamed port.
         let parts = |port: &str| ("shop".to_string(), "web".to_string(), port.to_string());
         assert_eq!(split, vec![parts("http/TCP"), parts("/UDP")]);
     }
