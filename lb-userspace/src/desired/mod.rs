@@ -689,13 +689,29 @@ mod tests {
 
     /// A ready endpoint hinted for `zones` (flow-style list of names); `[]` for no hints.
     fn hinted(addr: &str, node: &str, zones: &[&str]) -> String {
-        let for_zones: Vec<String> = zones.iter().map(|z| format!("{{name: {z}}}")).collect();
-        let hints = if zones.is_empty() {
-            String::new()
-        } else {
-            format!(", hints: {{forZones: [{}]}}", for_zones.join(", "))
-        };
+        hinted_for(addr, node, zones, &[])
+    }
+
+    /// A ready endpoint with `hints.forZones` of `zones` and `hints.forNodes` of `nodes`, each
+    /// left out when empty.
+    fn hinted_for(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> String {
+        let names =
+            |names: &[&str]| -> Vec<String> { names.iter().map(|n| format!("{{name: {n}}}")).collect() };
+        let mut hints = Vec::new();
+        if !zones.is_empty() {
+            hints.push(format!("forZones: [{}]", names(zones).join(", ")));
+        }
+        if !nodes.is_empty() {
+            hints.push(format!("forNodes: [{}]", names(nodes).join(", ")));
+        }
+        let hints =
+            if hints.is_empty() { String::new() } else { format!(", hints: {{{}}}", hints.join(", ")) };
         format!("{{addresses: [{addr}], nodeName: {node}{hints}}}")
+    }
+
+    /// A ready endpoint hinted for `nodes` (trafficDistribution: PreferSameNode).
+    fn node_hinted(addr: &str, node: &str, nodes: &[&str]) -> String {
+        hinted_for(addr, node, &[], nodes)
     }
 
     const ZONE_A: &str = "{topology.kubernetes.io/zone: zone-a}";
@@ -762,6 +778,83 @@ mod tests {
             hinted("10.244.2.2", "node-b", &["zone-a"])
         );
         let yaml = node_obj(ZONE_A) + &svc("web", spec) + &slice("web-1", "web", HTTP, &endpoints);
+        let state = compute(&store(&yaml), &node());
+        assert_eq!(group(&state, CLUSTER), vec![(ip("10.244.2.2"), 8080, 0)]);
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
+    fn cluster_group_holds_only_the_endpoints_hinted_for_this_node() {
+        let endpoints = [
+            node_hinted("10.244.1.1", "node-a", &["node-a"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+            node_hinted("10.244.3.3", "node-c", &["node-c", "node-a"]),
+        ];
+        // Node hints need no zone label on the node, nor a Node object.
+        assert_eq!(cluster_addrs(None, &endpoints), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+        assert_eq!(cluster_addrs(Some(ZONE_A), &endpoints), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+    }
+
+    #[test]
+    fn node_hints_are_ignored_unless_every_ready_endpoint_has_one_and_one_is_for_this_node() {
+        let all = vec![ip("10.244.1.1"), ip("10.244.2.2")];
+        // One ready endpoint without node hints: a partial rollout.
+        let partial = [node_hinted("10.244.1.1", "node-a", &["node-a"]), hinted("10.244.2.2", "node-b", &[])];
+        assert_eq!(cluster_addrs(None, &partial), all);
+        // No endpoint hinted for this node.
+        let elsewhere = [
+            node_hinted("10.244.1.1", "node-c", &["node-c"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+        ];
+        assert_eq!(cluster_addrs(None, &elsewhere), all);
+        // Endpoints that are not ready neither need node hints nor are chosen for theirs.
+        let endpoints = [
+            node_hinted("10.244.1.1", "node-a", &["node-a"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+            ep("10.244.3.3", "node-c", "ready: false, serving: true, terminating: true"),
+            "{addresses: [10.244.4.4], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}, hints: {forNodes: [{name: node-a}]}}".to_string(),
+        ];
+        assert_eq!(cluster_addrs(None, &endpoints), vec![ip("10.244.1.1")]);
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_which_apply_when_node_hints_do_not() {
+        // PreferSameNode endpoints carry both hints: the node's own endpoint alone, though
+        // node-c's is in this node's zone too.
+        let both = [
+            hinted_for("10.244.1.1", "node-a", &["zone-a"], &["node-a"]),
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &["node-b"]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &both), vec![ip("10.244.1.1")]);
+        // No endpoint for this node: the zone hints decide.
+        let no_local = [
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &["node-b"]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &no_local), vec![ip("10.244.3.3")]);
+        // One endpoint without a node hint: the zone hints decide too.
+        let partial = [
+            hinted_for("10.244.1.1", "node-a", &["zone-a"], &["node-a"]),
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &[]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &partial), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+        // Neither applies (no zone label): every ready endpoint.
+        let all = vec![ip("10.244.2.2"), ip("10.244.3.3")];
+        assert_eq!(cluster_addrs(None, &no_local), all);
+    }
+
+    #[test]
+    fn local_groups_ignore_node_hints() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        // This node's endpoint is hinted for another node, the other node's for this one.
+        let endpoints = format!(
+            "[{}, {}]",
+            node_hinted("10.244.1.1", "node-a", &["node-b"]),
+            node_hinted("10.244.2.2", "node-b", &["node-a"])
+        );
+        let yaml = svc("web", spec) + &slice("web-1", "web", HTTP, &endpoints);
         let state = compute(&store(&yaml), &node());
         assert_eq!(group(&state, CLUSTER), vec![(ip("10.244.2.2"), 8080, 0)]);
         assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
