@@ -99,12 +99,9 @@ pub struct ServicePortRules {
 
 impl ServicePortRules {
     /// kube-proxy's ServicePortName string, `namespace/name:port` (`namespace/name` for an
-    /// unnamed port), the input of its chain name hashes.
+    /// unnamed port), the input of its chain name hashes; xlb names Service ports the same way.
     pub fn service_port_name(&self) -> String {
-        match self.port_name.as_str() {
-            "" => self.service.to_string(),
-            port => format!("{}:{port}", self.service),
-        }
+        lb_userspace::model::service_port_name(&self.service, &self.port_name)
     }
 }
 

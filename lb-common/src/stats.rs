@@ -22,8 +22,8 @@ pub const SERVICE_STATS_MAX: u32 = 65_536;
 pub const SERVICE_PORT_NAME_MAX: usize = 156;
 
 /// Value of `XLB_SERVICE_NAMES`, keyed by counter slot (`u32`, as `XLB_SERVICE_STATS`): the
-/// Service port the slot counts, `namespace/name:port/PROTO` (`default/kiada:http/TCP`; the
-/// port name is empty for an unnamed port), so `xlb inspect` and bpftool can name a frontend's
+/// Service port the slot counts, `namespace/name:port/PROTO` (`default/kiada:http/TCP`; as
+/// kube-proxy's ServicePortName, no `:port` for an unnamed port: `default/dns/UDP`), so `xlb inspect` and bpftool can name a frontend's
 /// Service from the pins alone, with no agent running. Written by the agent when it gives the
 /// slot to a Service port (right after zeroing its counters), removed when no Service port has
 /// it; the programs never read it. 160 bytes, 4-aligned:

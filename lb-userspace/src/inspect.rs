@@ -206,8 +206,9 @@ impl fmt::Display for Frontend {
 /// One frontend of `XLB_SERVICES`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServiceRow {
-    /// The Service port, `namespace/name:port/PROTO`, as its counter slot is named in
-    /// `XLB_SERVICE_NAMES`; `None` when the frontend is not counted or its slot has no name.
+    /// The Service port, `namespace/name:port/PROTO` (no `:port` when unnamed), as its counter
+    /// slot is named in `XLB_SERVICE_NAMES`; `None` when the frontend is not counted or its
+    /// slot has no name.
     pub service: Option<String>,
     pub frontend: Frontend,
     /// `SVC_F_*` bits as words: `no-endpoints`, `source-ranges`; unknown bits as `0x..`.
@@ -966,7 +967,7 @@ mod tests {
             (ServiceKey::new(ip("198.19.0.11"), 53, proto::UDP), counted(0)),
         ];
         // Slot 2's name is missing; slot 0 is never looked up, whatever the map holds.
-        let names = names(&[(0, "default/zero:/TCP"), (1, "default/kiada:http/TCP")]);
+        let names = names(&[(0, "default/zero/TCP"), (1, "default/kiada:http/TCP")]);
         let rows = service_rows(&frontends, &slots(), &names);
         let services: Vec<Option<&str>> = rows.iter().map(|r| r.service.as_deref()).collect();
         assert_eq!(services, [Some("default/kiada:http/TCP"), None, None]);

@@ -36,6 +36,15 @@ impl fmt::Display for NamespacedName {
     }
 }
 
+/// kube-proxy's `ServicePortName.String()` (pkg/proxy/types.go): `namespace/name:port`, and
+/// `namespace/name` for an unnamed port (no colon).
+pub fn service_port_name(service: &NamespacedName, port_name: &str) -> String {
+    match port_name {
+        "" => service.to_string(),
+        port => format!("{service}:{port}"),
+    }
+}
+
 /// An object field that failed validation: which field, and why.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("{field}: {reason}")]
@@ -331,6 +340,9 @@ pub struct Endpoint {
     pub terminating: bool,
     /// `hints.forZones[].name`: the zones whose nodes should use this endpoint.
     pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes that should use this endpoint
+    /// (`trafficDistribution: PreferSameNode`).
+    pub node_hints: Vec<String>,
 }
 
 /// An IPv4 EndpointSlice of a Service. Non-IPv4 and headless slices: `Ok(None)`.
@@ -383,6 +395,12 @@ impl SliceRecord {
                     .iter()
                     .flat_map(|h| h.for_zones.iter().flatten())
                     .map(|z| z.name.clone())
+                    .collect(),
+                node_hints: e
+                    .hints
+                    .iter()
+                    .flat_map(|h| h.for_nodes.iter().flatten())
+                    .map(|n| n.name.clone())
                     .collect(),
             });
         }
@@ -1113,6 +1131,7 @@ endpoints:
             serving,
             terminating,
             zone_hints: vec![],
+            node_hints: vec![],
         };
         assert_eq!(
             slice_record(&obj).unwrap(),
@@ -1373,22 +1392,39 @@ endpoints:
     }
 
     #[test]
-    fn endpoint_zone_hints_are_the_names_of_its_for_zones_hints() {
+    fn endpoint_hints_are_the_names_of_its_for_zones_and_for_nodes_hints() {
         let obj = slice(&format!(
             "{SLICE_META}addressType: IPv4
 endpoints:
 - addresses: [10.244.1.1]
   hints: {{forZones: [{{name: zone-a}}, {{name: zone-b}}]}}
 - addresses: [10.244.1.2]
-  hints: {{forZones: []}}
+  hints: {{forZones: [], forNodes: []}}
 - addresses: [10.244.1.3]
   hints: {{}}
 - addresses: [10.244.1.4]
+- addresses: [10.244.1.5]
+  hints: {{forZones: [{{name: zone-a}}], forNodes: [{{name: node-a}}, {{name: node-b}}]}}
 "
         ));
-        let hints: Vec<Vec<String>> =
-            slice_record(&obj).unwrap().unwrap().endpoints.into_iter().map(|e| e.zone_hints).collect();
-        assert_eq!(hints, vec![vec!["zone-a".to_string(), "zone-b".to_string()], vec![], vec![], vec![]]);
+        let hints: Vec<(Vec<String>, Vec<String>)> = slice_record(&obj)
+            .unwrap()
+            .unwrap()
+            .endpoints
+            .into_iter()
+            .map(|e| (e.zone_hints, e.node_hints))
+            .collect();
+        let names = |names: &[&str]| -> Vec<String> { names.iter().map(|n| n.to_string()).collect() };
+        assert_eq!(
+            hints,
+            vec![
+                (names(&["zone-a", "zone-b"]), vec![]),
+                (vec![], vec![]),
+                (vec![], vec![]),
+                (vec![], vec![]),
+                (names(&["zone-a"]), names(&["node-a", "node-b"])),
+            ]
+        );
     }
 
     #[test]

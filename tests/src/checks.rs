@@ -1,6 +1,8 @@
-//! Small helpers the integration tests share: waiting for a condition, reading the agent's
-//! HTTP answers (chunked bodies, Prometheus samples) and the Node objects of a testbed.
+//! Small helpers the integration tests share: waiting for a condition, checking which pods
+//! random backend choice reaches, reading the agent's HTTP answers (chunked bodies,
+//! Prometheus samples) and the Node objects of a testbed.
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     time::{Duration, Instant},
@@ -60,6 +62,52 @@ pub fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> anyho
     }
 }
 
+/// The most a check of random backend choice may fail while the dataplane is right: the
+/// tests make fewer than 100 such checks in a run, so a false failure is rarer than one run
+/// in a million.
+pub const FALSE_FAILURE: f64 = 1e-8;
+
+/// How many new connections it takes for every one of `pods` equally likely backends to
+/// have answered, but with a probability below `FALSE_FAILURE`: the smallest n with
+/// pods · (1 − 1/pods)^n < FALSE_FAILURE (a union bound over the pods that could be
+/// missed): 28 for 2 pods, 49 for 3.
+pub fn connections_to_reach_all(pods: usize) -> usize {
+    if pods <= 1 {
+        return 1;
+    }
+    let miss_one = 1.0 - 1.0 / pods as f64;
+    let mut n = 1;
+    while pods as f64 * miss_one.powi(n as i32) >= FALSE_FAILURE {
+        n += 1;
+    }
+    n
+}
+
+/// Makes new connections (`connect` returns the pod that answered one) until every pod of
+/// `want` has answered and at least `min` connections were made, so that a pod that must not
+/// answer gets as many chances to show as in a fixed sample of `min`. Fails at once on a pod
+/// outside `want` or a failed connection, and when a pod of `want` has not answered after
+/// `connections_to_reach_all` connections (or `min`, if more). The answers per pod.
+pub fn answered_by(
+    want: &BTreeSet<String>,
+    min: usize,
+    mut connect: impl FnMut() -> anyhow::Result<String>,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let most = connections_to_reach_all(want.len()).max(min);
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    for made in 1..=most {
+        let pod = connect().with_context(|| format!("connection {made} (answers so far {answers:?})"))?;
+        if !want.contains(&pod) {
+            bail!("answered by {pod}, want only {want:?} (answers so far {answers:?})");
+        }
+        *answers.entry(pod).or_default() += 1;
+        if made >= min && answers.len() == want.len() {
+            return Ok(answers);
+        }
+    }
+    bail!("{most} connections were answered by {answers:?}, want every one of {want:?}")
+}
+
 /// The body of an HTTP/1.1 chunked response.
 pub fn dechunk(mut rest: &str) -> anyhow::Result<String> {
     let mut body = String::new();
@@ -107,5 +155,43 @@ mod tests {
         assert_eq!(metric(scrape, r#"xlb_a{map="M"}"#), Some(3.0));
         assert_eq!(metric(scrape, "xlb_a"), Some(1.5));
         assert_eq!(metric(scrape, "xlb_b"), None);
+    }
+
+    #[test]
+    fn connections_to_reach_all_bound_a_false_failure() {
+        assert_eq!([1, 2, 3].map(connections_to_reach_all), [1, 28, 49]);
+        for pods in 2..=5 {
+            let n = connections_to_reach_all(pods) as i32;
+            let miss = |n: i32| pods as f64 * (1.0 - 1.0 / pods as f64).powi(n);
+            assert!(miss(n) < FALSE_FAILURE && miss(n - 1) >= FALSE_FAILURE, "{pods} pods: {n}");
+        }
+    }
+
+    #[test]
+    fn answered_by_stops_once_every_wanted_pod_answered_and_fails_on_any_other() {
+        let want: BTreeSet<String> = ["a", "b"].map(String::from).into();
+        let replies = |pods: &'static [&'static str]| {
+            let mut pods = pods.iter().cycle();
+            move || Ok(pods.next().unwrap().to_string())
+        };
+        // Both answered by the 3rd connection, but at least 4 are made.
+        let got = answered_by(&want, 4, replies(&["a", "a", "b"])).unwrap();
+        assert_eq!(got, [("a".to_string(), 3), ("b".to_string(), 1)].into());
+        // Past `min`, it stops at the first connection that completes the set.
+        let got = answered_by(&want, 1, replies(&["a", "a", "a", "b"])).unwrap();
+        assert_eq!(got.values().sum::<usize>(), 4);
+        // A pod that must not answer fails the check, within `min` connections.
+        let err = answered_by(&want, 4, replies(&["a", "b", "a", "c"])).unwrap_err();
+        assert!(format!("{err:#}").contains("answered by c"), "{err:#}");
+        // A wanted pod that never answers: after the bound, not forever.
+        let mut made = 0;
+        let err = answered_by(&want, 4, || {
+            made += 1;
+            Ok("a".to_string())
+        })
+        .unwrap_err();
+        assert_eq!(made, 28, "{err:#}");
+        // A failed connection fails the check.
+        assert!(answered_by(&want, 1, || bail!("refused")).is_err());
     }
 }

@@ -20,7 +20,7 @@ use lb_common::{proto, service::ServiceKey};
 use serde_json::{json, Value};
 use xlb_tests::{
     apiserver::{self, ApiServer},
-    checks::{dechunk, eventually, metric},
+    checks::{answered_by, dechunk, eventually, metric},
     kiada::{self, Reply},
     netns, sockets,
     testbed::{services_map, Spec, Testbed},
@@ -179,12 +179,17 @@ fn pods_answering(
     Ok(tally_pods(&replies).into_keys().collect())
 }
 
+/// New connections from `ns` to `target` are answered by `pods` and no other: each of them
+/// answers, and none other in at least 12 connections (`checks::answered_by`).
 fn expect_pods(c: &Cluster, ns: &str, target: SocketAddrV4, pods: &[&str]) -> anyhow::Result<()> {
-    let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
-    let got = pods_answering(c, ns, target, 12)?;
-    if got != want {
-        bail!("{target} answered from {got:?}, want {want:?}");
+    if !c.tb.owns_namespace(ns) {
+        bail!("{ns} is not ours");
     }
+    let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
+    netns::within(ns, move || {
+        answered_by(&want, 12, || Ok(kiada::get_tcp(target, Duration::from_millis(300))?.0.pod))
+    })?
+    .with_context(|| format!("{target}"))?;
     Ok(())
 }
 

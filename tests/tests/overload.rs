@@ -29,8 +29,8 @@ use lb_common::{
     service::ServiceKey,
 };
 use xlb_tests::{
-    checks::{eventually, metric, node_get, nodes_yaml, scrape},
-    netns, raw, sockets,
+    checks::{answered_by, eventually, metric, node_get, nodes_yaml, scrape},
+    kiada, netns, raw, sockets,
     testbed::{services_map, Spec, Testbed},
     traffic,
 };
@@ -100,6 +100,18 @@ fn answering(tb: &Testbed, target: SocketAddrV4, count: usize) -> anyhow::Result
 
 fn set(pods: &[&str]) -> BTreeSet<String> {
     pods.iter().map(|p| p.to_string()).collect()
+}
+
+/// New connections from the external client to `target` are answered by `pods` and no
+/// other: each of them answers, and none other in at least `min` connections
+/// (`checks::answered_by`).
+fn answered_by_exactly(tb: &Testbed, target: SocketAddrV4, pods: &[&str], min: usize) -> anyhow::Result<()> {
+    let want = set(pods);
+    netns::within(&tb.client, move || {
+        answered_by(&want, min, || Ok(kiada::get_tcp(target, Duration::from_secs(2))?.0.pod))
+    })?
+    .with_context(|| format!("GET {target}"))?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -577,13 +589,11 @@ fn a_syn_flood_larger_than_the_conntrack_table_evicts_and_the_agent_keeps_workin
         assert_eq!(health_status(&tb, path).expect(path), 200, "{path} after the floods");
     }
     let http_target = SocketAddrV4::new(node_a, http_port);
-    assert_eq!(answering(&tb, http_target, 20).expect("new connections"), set(&["web-a", "web-b"]));
-    let fresh = netns::within(&client, move || -> anyhow::Result<BTreeSet<String>> {
-        (0..20).map(|_| Echo::open(echo_target).map(|e| e.pod)).collect()
-    })
-    .expect("client namespace")
-    .expect("new connections to the flooded NodePort");
-    assert_eq!(fresh, set(&["web-a", "web-b"]));
+    answered_by_exactly(&tb, http_target, &["web-a", "web-b"], 20).expect("new connections");
+    let both = set(&["web-a", "web-b"]);
+    netns::within(&client, move || answered_by(&both, 20, || Ok(Echo::open(echo_target)?.pod)))
+        .expect("client namespace")
+        .expect("new connections to the flooded NodePort");
 
     // Each long-lived connection, end to end once more.
     for echo in echoes.iter_mut().filter(|e| e.broken.is_none()) {
@@ -690,9 +700,7 @@ fn full_maps_refuse_entries_with_a_named_error_and_everything_else_keeps_working
     tb.wait_programmed(0, &all, START_TIMEOUT).expect("five Services programmed");
     let target = |n: u8| SocketAddrV4::new(node_a, svc_port(n));
     let check_answers = |tb: &Testbed, n: u8, pods: &[&str]| -> anyhow::Result<()> {
-        let got = answering(tb, target(n), 24)?;
-        ensure!(got == set(pods), "svc-{n} answered from {got:?}, want {pods:?}");
-        Ok(())
+        answered_by_exactly(tb, target(n), pods, 24).with_context(|| format!("svc-{n}"))
     };
     let check_all_five = |tb: &Testbed, phase: &str| {
         for n in 1..=5 {

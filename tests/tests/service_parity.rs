@@ -267,7 +267,8 @@ fn external_traffic_policy_local_keeps_the_client_address_and_node() {
 fn load_balancer_ips_source_ranges_and_external_ips() {
     let tb = up();
     for target in [SocketAddrV4::new(LB_OPEN, 80), SocketAddrV4::new(EXTERNAL_IP, 80)] {
-        let replies = all_ok("client", traffic::tcp_from(&tb, &tb.client, target, 40).unwrap());
+        // 60 connections miss one of 3 endpoints with probability below 3 * (2/3)^60 < 1e-10.
+        let replies = all_ok("client", traffic::tcp_from(&tb, &tb.client, target, 60).unwrap());
         assert_eq!(pods_of(&replies), ["web-0", "web-1", "web-2"], "{target}");
     }
     let closed = SocketAddrV4::new(LB_CLOSED, 80);
@@ -336,7 +337,8 @@ fn a_pod_reaches_itself_through_its_service() {
     }
 }
 
-/// Random choice per new connection: 3,000 connections to 3 endpoints give each 1,000 ± 10%.
+/// Random choice per new connection: 3,000 connections to 3 endpoints give each 1,000 ± 15%
+/// (a fair choice misses that with probability 2e-8; ± 10% failed one run in 3,000).
 #[test]
 fn random_choice_spreads_3000_connections_evenly() {
     let tb = up();
@@ -348,6 +350,6 @@ fn random_choice_spreads_3000_connections_evenly() {
     println!("3000 connections: {by_pod:?}");
     assert_eq!(by_pod.len(), 3);
     for (pod, n) in by_pod {
-        assert!((900..=1100).contains(&n), "{pod} got {n} of 3000, want 1000 ± 10%");
+        assert!((850..=1150).contains(&n), "{pod} got {n} of 3000, want 1000 ± 15%");
     }
 }

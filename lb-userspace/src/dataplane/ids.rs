@@ -389,7 +389,7 @@ pub(crate) mod tests {
             .map(|i| {
                 (
                     ServiceKey::new(Ipv4Addr::from(0x0a00_0000 + i), 80, TCP),
-                    format!("ns/svc-{i:05}:/TCP").into(),
+                    format!("ns/svc-{i:05}/TCP").into(),
                 )
             })
             .collect();

@@ -15,7 +15,8 @@ use crate::desired::GroupName;
 /// Packets and IP bytes of one Service port, summed over CPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceTraffic {
-    /// `ns/name:port/PROTO`, as `desired::group_name` writes it.
+    /// `ns/name:port/PROTO` (`ns/name/PROTO` for an unnamed port), as `desired::group_name`
+    /// writes it.
     pub service_port: String,
     pub packets: u64,
     pub bytes: u64,

@@ -131,6 +131,14 @@ fn slots_read<'a>(frontends: impl IntoIterator<Item = &'a ServiceValue>) -> BTre
     read
 }
 
+/// A pinned counter slot name as this agent names the Service port: agents before kube-proxy's
+/// ServicePortName form named an unnamed port `ns/name:/PROTO`, now `ns/name/PROTO`. Names
+/// and port names contain no `:` or `/`, so `:/` only ever came from an unnamed port; the slot
+/// keeps its counters and is renamed by the next sync.
+fn adopted_name(pinned: &str) -> String {
+    pinned.replacen(":/", "/", 1)
+}
+
 /// The slots of group `id`.
 fn group_slots(
     slots: &BTreeMap<BackendKey, Backend>,
@@ -169,7 +177,7 @@ impl MapWriter {
         writer.reread()?;
         let named = writer.names.iter().filter_map(|(slot, name)| {
             let index = u16::try_from(*slot).ok().filter(|i| *i != 0)?;
-            Some((index, GroupName::from(name.as_str()?)))
+            Some((index, GroupName::from(adopted_name(name.as_str()?))))
         });
         writer.counted = Arc::new(named.collect());
         Ok(writer)
@@ -193,7 +201,7 @@ impl MapWriter {
         Ok(())
     }
 
-    /// The Service port (`ns/name:port/PROTO`) each counter slot in `XLB_SERVICE_STATS`
+    /// The Service port (`ns/name:port/PROTO`, `ns/name/PROTO` when unnamed) each counter slot in `XLB_SERVICE_STATS`
     /// counts, as of the last sync.
     pub fn counted(&self) -> &Arc<BTreeMap<u16, GroupName>> {
         &self.counted
@@ -880,5 +888,39 @@ mod tests {
         // slot no frontend used.
         assert_eq!(names(&w), named(&[(1, "a"), (2, "b"), (4, "c")]));
         assert_eq!(packets(&w, &[1, 2, 4]), [5 * cpus as u64, 0, 0]);
+    }
+
+    #[test]
+    fn a_restarted_writer_keeps_the_counters_of_an_unnamed_port_named_with_the_colon_of_older_agents() {
+        let dir = std::path::Path::new("/sys/fs/bpf")
+            .join(format!("xlb-writer-legacy-test-{}", std::process::id()));
+        let _pins = Pins(dir.clone());
+        let sizes = MapSizes { services: 1024, backends: 1024, conntrack: 1024 };
+        let mut store = Store::default();
+        let unnamed = "kind: Service\nmetadata: {name: u}\nspec: {type: NodePort, clusterIP: 10.96.0.9, ports: [{port: 80, nodePort: 30009}]}\n---\nkind: EndpointSlice\nmetadata: {name: u-1, labels: {kubernetes.io/service-name: u}}\naddressType: IPv4\nports: [{port: 8080}]\nendpoints: [{addresses: [10.244.1.9], nodeName: node-a}]\n";
+        apply(&mut store, unnamed);
+        let cpus = aya::util::nr_cpus().unwrap();
+        {
+            let mut dp = Dataplane::load_pinned(&dir, sizes).expect("loading the programs (needs root)");
+            let mut w = MapWriter::open(&mut dp).unwrap();
+            sync(&mut w, &mut store, &mut Incremental::default());
+            assert_eq!(names(&w), [(1, "default/u/TCP".to_string())].into());
+            let traffic = vec![ServiceStats { packets: 5, bytes: 500 }; cpus];
+            w.stats.set(1, PerCpuValues::try_from(traffic).unwrap(), 0).unwrap();
+        }
+        // As an agent before kube-proxy's form named the slot.
+        let pin = aya::maps::MapData::from_pin(dir.join(maps::SERVICE_NAMES)).unwrap();
+        let mut pinned: aya::maps::HashMap<_, u32, ServicePortName> =
+            aya::maps::Map::HashMap(pin).try_into().unwrap();
+        pinned.insert(1, ServicePortName::new("default/u:/TCP"), 0).unwrap();
+
+        let mut dp = Dataplane::load_pinned(&dir, sizes).unwrap();
+        let mut w = MapWriter::open(&mut dp).unwrap();
+        let adopted: BTreeMap<u16, &str> = w.counted.iter().map(|(i, port)| (*i, &**port)).collect();
+        assert_eq!(adopted, [(1, "default/u/TCP")].into());
+        sync(&mut w, &mut store, &mut Incremental::default());
+        // Renamed, not zeroed.
+        assert_eq!(names(&w), [(1, "default/u/TCP".to_string())].into());
+        assert_eq!(packets(&w, &[1]), [5 * cpus as u64]);
     }
 }

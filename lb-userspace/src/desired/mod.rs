@@ -18,7 +18,7 @@ use lb_common::{backend::Backend, service::ServiceKey};
 
 pub use incremental::{Changes, Incremental};
 
-use crate::model::{NamespacedName, ServicePort, ServiceRecord, Store};
+use crate::model::{service_port_name, NamespacedName, ServicePort, ServiceRecord, Store};
 
 /// Name of a backend group, e.g. `default/kiada:http/TCP`: shared, not copied, by the
 /// frontends that use it.
@@ -89,17 +89,22 @@ pub fn frontend_ranges(
     ranges.range((key, Ipv4Addr::UNSPECIFIED, 0)..=(key, Ipv4Addr::BROADCAST, u8::MAX))
 }
 
-/// Names the Cluster backend group of one Service port, e.g. `default/kiada:http/TCP`; its
+/// Names the Cluster backend group of one Service port: kube-proxy's ServicePortName, then
+/// the protocol, e.g. `default/kiada:http/TCP`, `default/dns/UDP` for an unnamed port. Its
 /// Local group has ` local` appended.
 pub fn group_name(svc: &ServiceRecord, port: &ServicePort) -> String {
-    format!("{}:{}/{}", svc.id, port.name, port.protocol)
+    format!("{}/{}", service_port_name(&svc.id, &port.name), port.protocol)
 }
 
-/// (namespace, name, `port/PROTO`) of a Cluster group name: Kubernetes names contain neither
-/// `/` nor `:`, so the split is unambiguous.
+/// (namespace, name, `port/PROTO`) of a Cluster group name, `/PROTO` for an unnamed port:
+/// Kubernetes names and port names contain neither `/` nor `:`, so the split is unambiguous.
 pub fn split_group_name(group: &str) -> (String, String, String) {
-    let (service, port) = group.split_once(':').unwrap_or((group, ""));
-    let (namespace, name) = service.split_once('/').unwrap_or(("", service));
+    let (namespace, rest) = group.split_once('/').unwrap_or(("", group));
+    let (name, port) = match rest.find([':', '/']) {
+        Some(i) if rest[i..].starts_with(':') => (&rest[..i], &rest[i + 1..]),
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
     (namespace.to_string(), name.to_string(), port.to_string())
 }
 
@@ -318,7 +323,7 @@ mod tests {
             + "kind: EndpointSlice\nmetadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints: [{addresses: [10.244.4.4]}]\n";
         let state = compute(&store(&yaml), &node());
         let groups: BTreeMap<GroupName, Vec<Backend>> = [
-            ("default/web:/UDP".into(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
+            ("default/web/UDP".into(), vec![Backend::new(ip("10.244.1.1"), 5353, 0)]),
             ("default/web:http/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 8080, 0)]),
             ("default/web:metrics/TCP".into(), vec![Backend::new(ip("10.244.1.1"), 9100, 0)]),
         ]
@@ -688,13 +693,29 @@ mod tests {
 
     /// A ready endpoint hinted for `zones` (flow-style list of names); `[]` for no hints.
     fn hinted(addr: &str, node: &str, zones: &[&str]) -> String {
-        let for_zones: Vec<String> = zones.iter().map(|z| format!("{{name: {z}}}")).collect();
-        let hints = if zones.is_empty() {
-            String::new()
-        } else {
-            format!(", hints: {{forZones: [{}]}}", for_zones.join(", "))
-        };
+        hinted_for(addr, node, zones, &[])
+    }
+
+    /// A ready endpoint with `hints.forZones` of `zones` and `hints.forNodes` of `nodes`, each
+    /// left out when empty.
+    fn hinted_for(addr: &str, node: &str, zones: &[&str], nodes: &[&str]) -> String {
+        let names =
+            |names: &[&str]| -> Vec<String> { names.iter().map(|n| format!("{{name: {n}}}")).collect() };
+        let mut hints = Vec::new();
+        if !zones.is_empty() {
+            hints.push(format!("forZones: [{}]", names(zones).join(", ")));
+        }
+        if !nodes.is_empty() {
+            hints.push(format!("forNodes: [{}]", names(nodes).join(", ")));
+        }
+        let hints =
+            if hints.is_empty() { String::new() } else { format!(", hints: {{{}}}", hints.join(", ")) };
         format!("{{addresses: [{addr}], nodeName: {node}{hints}}}")
+    }
+
+    /// A ready endpoint hinted for `nodes` (trafficDistribution: PreferSameNode).
+    fn node_hinted(addr: &str, node: &str, nodes: &[&str]) -> String {
+        hinted_for(addr, node, &[], nodes)
     }
 
     const ZONE_A: &str = "{topology.kubernetes.io/zone: zone-a}";
@@ -767,6 +788,83 @@ mod tests {
     }
 
     #[test]
+    fn cluster_group_holds_only_the_endpoints_hinted_for_this_node() {
+        let endpoints = [
+            node_hinted("10.244.1.1", "node-a", &["node-a"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+            node_hinted("10.244.3.3", "node-c", &["node-c", "node-a"]),
+        ];
+        // Node hints need no zone label on the node, nor a Node object.
+        assert_eq!(cluster_addrs(None, &endpoints), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+        assert_eq!(cluster_addrs(Some(ZONE_A), &endpoints), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+    }
+
+    #[test]
+    fn node_hints_are_ignored_unless_every_ready_endpoint_has_one_and_one_is_for_this_node() {
+        let all = vec![ip("10.244.1.1"), ip("10.244.2.2")];
+        // One ready endpoint without node hints: a partial rollout.
+        let partial = [node_hinted("10.244.1.1", "node-a", &["node-a"]), hinted("10.244.2.2", "node-b", &[])];
+        assert_eq!(cluster_addrs(None, &partial), all);
+        // No endpoint hinted for this node.
+        let elsewhere = [
+            node_hinted("10.244.1.1", "node-c", &["node-c"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+        ];
+        assert_eq!(cluster_addrs(None, &elsewhere), all);
+        // Endpoints that are not ready neither need node hints nor are chosen for theirs.
+        let endpoints = [
+            node_hinted("10.244.1.1", "node-a", &["node-a"]),
+            node_hinted("10.244.2.2", "node-b", &["node-b"]),
+            ep("10.244.3.3", "node-c", "ready: false, serving: true, terminating: true"),
+            "{addresses: [10.244.4.4], nodeName: node-a, conditions: {ready: false, serving: true, terminating: true}, hints: {forNodes: [{name: node-a}]}}".to_string(),
+        ];
+        assert_eq!(cluster_addrs(None, &endpoints), vec![ip("10.244.1.1")]);
+    }
+
+    #[test]
+    fn node_hints_come_before_zone_hints_which_apply_when_node_hints_do_not() {
+        // PreferSameNode endpoints carry both hints: the node's own endpoint alone, though
+        // node-c's is in this node's zone too.
+        let both = [
+            hinted_for("10.244.1.1", "node-a", &["zone-a"], &["node-a"]),
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &["node-b"]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &both), vec![ip("10.244.1.1")]);
+        // No endpoint for this node: the zone hints decide.
+        let no_local = [
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &["node-b"]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &no_local), vec![ip("10.244.3.3")]);
+        // One endpoint without a node hint: the zone hints decide too.
+        let partial = [
+            hinted_for("10.244.1.1", "node-a", &["zone-a"], &["node-a"]),
+            hinted_for("10.244.2.2", "node-b", &["zone-b"], &[]),
+            hinted_for("10.244.3.3", "node-c", &["zone-a"], &["node-c"]),
+        ];
+        assert_eq!(cluster_addrs(Some(ZONE_A), &partial), vec![ip("10.244.1.1"), ip("10.244.3.3")]);
+        // Neither applies (no zone label): every ready endpoint.
+        let all = vec![ip("10.244.2.2"), ip("10.244.3.3")];
+        assert_eq!(cluster_addrs(None, &no_local), all);
+    }
+
+    #[test]
+    fn local_groups_ignore_node_hints() {
+        let spec = "{type: NodePort, clusterIP: 10.96.0.10, externalTrafficPolicy: Local, ports: [{name: http, port: 80, nodePort: 30080}]}";
+        // This node's endpoint is hinted for another node, the other node's for this one.
+        let endpoints = format!(
+            "[{}, {}]",
+            node_hinted("10.244.1.1", "node-a", &["node-b"]),
+            node_hinted("10.244.2.2", "node-b", &["node-a"])
+        );
+        let yaml = svc("web", spec) + &slice("web-1", "web", HTTP, &endpoints);
+        let state = compute(&store(&yaml), &node());
+        assert_eq!(group(&state, CLUSTER), vec![(ip("10.244.2.2"), 8080, 0)]);
+        assert_eq!(group(&state, LOCAL), vec![(ip("10.244.1.1"), 8080, BACKEND_F_LOCAL)]);
+    }
+
+    #[test]
     fn every_frontend_of_a_service_port_counts_for_its_cluster_group() {
         let spec_extra =
             ", externalTrafficPolicy: Local, internalTrafficPolicy: Local, externalIPs: [203.0.113.9]";
@@ -801,13 +899,22 @@ mod tests {
     }
 
     #[test]
-    fn split_group_name_inverts_group_name() {
+    fn group_name_is_kube_proxys_service_port_name_then_the_protocol() {
+        // kube-proxy's ServicePortName.String(): `ns/name:port`, no colon for an unnamed port.
         let yaml = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {port: 53, protocol: UDP}]}\n";
         let store = store(yaml);
         let svc = store.services().next().unwrap();
         let names: Vec<String> = svc.ports.iter().map(|p| group_name(svc, p)).collect();
-        assert_eq!(names, vec!["shop/web:http/TCP", "shop/web:/UDP"]);
-        let split: Vec<_> = names.iter().map(|n| split_group_name(n)).collect();
+        assert_eq!(names, vec!["shop/web:http/TCP", "shop/web/UDP"]);
+    }
+
+    #[test]
+    fn split_group_name_inverts_group_name() {
+        let yaml = "kind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}, {port: 53, protocol: UDP}]}\n";
+        let store = store(yaml);
+        let svc = store.services().next().unwrap();
+        let split: Vec<_> = svc.ports.iter().map(|p| split_group_name(&group_name(svc, p))).collect();
+        // The `port` label: the port name and protocol, `/PROTO` for an unnamed port.
         let parts = |port: &str| ("shop".to_string(), "web".to_string(), port.to_string());
         assert_eq!(split, vec![parts("http/TCP"), parts("/UDP")]);
     }

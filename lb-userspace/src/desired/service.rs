@@ -167,30 +167,57 @@ fn endpoint_sets(
             (ep, Backend::new(ep.addr, target_port, if local { BACKEND_F_LOCAL } else { 0 }))
         })
         .collect();
-    let in_zone = |(ep, _): &&(&Endpoint, Backend)| match zone {
-        Some(zone) if use_zone_hints(&backends, zone) => ep.zone_hints.iter().any(|z| z == zone),
-        _ => true,
-    };
+    // Hints apply only when they keep a ready endpoint, so the terminating fallback of
+    // `eligible` never runs on a filtered set: kube-proxy falls back over all endpoints.
+    let topology = Topology::from_hints(&backends, node_name, zone);
     EndpointSets {
         serving: backends.iter().filter(|(ep, _)| ep.serving).map(|(_, b)| (b.ip(), b.host_port())).collect(),
-        cluster: eligible(backends.iter().filter(in_zone)),
+        cluster: eligible(backends.iter().filter(|(ep, _)| topology.available(ep))),
         local: eligible(backends.iter().filter(|(_, b)| b.flags & BACKEND_F_LOCAL != 0)),
     }
 }
 
-/// kube-proxy's `canUseTopology`: hints count only when every ready endpoint has one and
-/// some ready endpoint is hinted for this node's zone; otherwise a partial rollout of hints
-/// would overload the hinted endpoints.
-fn use_zone_hints(endpoints: &[(&Endpoint, Backend)], zone: &str) -> bool {
-    let ready = endpoints.iter().filter(|(ep, _)| ep.ready);
-    let mut for_zone = false;
-    for (ep, _) in ready {
-        if ep.zone_hints.is_empty() {
-            return false;
+/// Which hints the Cluster endpoints are filtered by: kube-proxy's topology modes
+/// (pkg/proxy/topology.go `topologyModeFromHints`, `availableForTopology`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology<'a> {
+    /// Every endpoint.
+    Any,
+    /// `trafficDistribution: PreferSameNode`: endpoints hinted for this node (`forNodes`).
+    SameNode(&'a str),
+    /// `PreferSameZone` or topology-aware routing: endpoints hinted for this node's zone
+    /// (`forZones`).
+    SameZone(&'a str),
+}
+
+impl<'a> Topology<'a> {
+    /// Hints count only when every ready endpoint has one of that kind and some ready
+    /// endpoint is hinted for this node (its zone); otherwise a partial rollout of hints
+    /// would overload the hinted endpoints. Node hints come first, then zone hints. Endpoints
+    /// that are not ready are left out of both checks.
+    fn from_hints(endpoints: &[(&Endpoint, Backend)], node_name: &'a str, zone: Option<&'a str>) -> Self {
+        let ready: Vec<&Endpoint> = endpoints.iter().filter(|(ep, _)| ep.ready).map(|(ep, _)| *ep).collect();
+        let applies = |hints: fn(&Endpoint) -> &[String], name: &str| {
+            ready.iter().all(|ep| !hints(ep).is_empty())
+                && ready.iter().any(|ep| hints(ep).iter().any(|h| h == name))
+        };
+        if applies(|ep| &ep.node_hints, node_name) {
+            return Self::SameNode(node_name);
         }
-        for_zone |= ep.zone_hints.iter().any(|z| z == zone);
+        // A node without the zone label has no zone for hints to match.
+        match zone {
+            Some(zone) if applies(|ep| &ep.zone_hints, zone) => Self::SameZone(zone),
+            _ => Self::Any,
+        }
     }
-    for_zone
+
+    fn available(self, ep: &Endpoint) -> bool {
+        match self {
+            Self::Any => true,
+            Self::SameNode(node) => ep.node_hints.iter().any(|n| n == node),
+            Self::SameZone(zone) => ep.zone_hints.iter().any(|z| z == zone),
+        }
+    }
 }
 
 /// The endpoints a new connection may go to: the ready ones; if none is ready, the serving

@@ -20,7 +20,8 @@ enum Cmd {
     Down,
     /// List the testbed namespaces, pins and cgroups that exist.
     Status,
-    /// Build the cluster, run the agents, send traffic, show who answered and the maps.
+    /// Build the cluster, run the agents, send traffic, show who answered and the maps
+    /// (`xlb inspect services` and `conntrack` of every node, one entry through bpftool).
     Demo {
         /// Leave the cluster up afterwards (`cargo xtask testbed down` removes it).
         #[arg(long)]
@@ -106,33 +107,26 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         }
     }
     for node in &tb.nodes {
-        println!("\n== BPF maps of {} (bpftool map dump pinned ...)", node.name);
-        for map in [
-            lb_common::maps::SERVICES,
-            lb_common::maps::BACKENDS,
-            lb_common::maps::CONNTRACK,
-            lb_common::maps::NAT,
-        ] {
-            let path = node.bpffs_dir.join(map);
-            let out = Command::new("bpftool")
-                .args(["-j", "map", "dump", "pinned"])
-                .arg(&path)
-                .output()
-                .context("running bpftool")?;
-            let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            println!(
-                "-- bpftool map dump pinned {} ({} entries{})",
-                path.display(),
-                entries.len(),
-                if entries.len() > 12 { ", first 12" } else { "" }
-            );
-            for entry in entries.iter().take(12) {
-                // `formatted` is the BTF-decoded entry, with field names.
-                let decoded = entry.get("formatted").unwrap_or(entry);
-                let field = |f: &str| decoded.get(f).map(|v| v.to_string()).unwrap_or_default();
-                println!("   {} => {}", field("key"), field("value"));
-            }
+        for what in ["services", "conntrack"] {
+            println!("\n== xlb inspect {what} --bpffs-dir {}  (on {})", node.bpffs_dir.display(), node.name);
+            print!("{}", xlb_inspect(node, what)?);
         }
+    }
+    // The same pins through bpftool: BTF gives it the field names of the lb-common structs;
+    // the values stay raw (addresses and ports in network byte order).
+    let node = &tb.nodes[0];
+    let path = node.bpffs_dir.join(lb_common::maps::SERVICES);
+    println!("\n== bpftool -j map dump pinned {} (first entry: BTF field names, raw values)", path.display());
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .context("running bpftool")?;
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    match entries.first() {
+        // `formatted` is the entry decoded with BTF; the raw bytes are left out.
+        Some(entry) => println!("{}", entry.get("formatted").unwrap_or(entry)),
+        None => println!("(no entry: {})", String::from_utf8_lossy(&out.stderr).trim()),
     }
     if keep {
         println!("\nleaving the cluster up; remove it with: cargo xtask testbed down");
@@ -141,4 +135,18 @@ fn demo(keep: bool) -> anyhow::Result<()> {
         println!("\n== tearing down");
     }
     Ok(())
+}
+
+/// The table `xlb inspect WHAT --bpffs-dir DIR` prints for `node`'s pins, run in its network
+/// namespace as the node's own `xlb` would be.
+fn xlb_inspect(node: &testbed::Node, what: &str) -> anyhow::Result<String> {
+    let out = netns::command(&node.ns, &xlb_tests::bin_path("xlb").to_string_lossy())
+        .args(["inspect", what, "--bpffs-dir"])
+        .arg(&node.bpffs_dir)
+        .output()
+        .context("running xlb inspect")?;
+    if !out.status.success() {
+        anyhow::bail!("xlb inspect {what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
