@@ -9,8 +9,8 @@ use std::{
 
 use lb_common::{proto, service::ServiceKey};
 use xlb_tests::{
-    kiada::Reply,
-    netns,
+    kiada::{self, Reply},
+    netns, sockets,
     testbed::{Spec, Testbed},
     traffic::{self, tally_pods, Exchanges},
 };
@@ -321,19 +321,33 @@ fn internal_traffic_policy_local_stays_on_the_node() {
     assert!(!err.to_lowercase().contains("refused"), "dropped, not refused: {err}");
 }
 
-/// Hairpin: a pod reaching itself through its own Service is answered by itself; the
-/// connection is SNATed to the node so the reply leaves the pod.
+/// Hairpin (e2e `[sig-network] Services should allow pods to hairpin back to themselves
+/// through services`): a pod reaching itself through its own Service is answered by itself.
+/// Through socket balancing (its processes under the agent's cgroup, as in production) the
+/// socket is pointed at the pod's own address and the connection never leaves the pod; through
+/// its veth's TC path (processes outside the cgroup) the connection is SNATed to the node, as
+/// kube-proxy masquerades hairpin traffic, so the reply leaves the pod. Either way the socket
+/// shows the Service as its peer.
 #[test]
 fn a_pod_reaches_itself_through_its_service() {
     let tb = up();
-    let replies = all_ok(
-        "hairpin",
-        traffic::tcp_from(&tb, &ns_of(&tb, "web-0"), SocketAddrV4::new(SELF, 80), 10).unwrap(),
-    );
-    for (reply, peer) in &replies {
-        assert_eq!(reply.pod, "web-0");
-        assert_eq!(reply.client.ip(), tb.nodes[0].ip, "hairpin connections come from the node");
-        assert_eq!(*peer, SocketAddrV4::new(SELF, 80).into());
+    let target = SocketAddrV4::new(SELF, 80);
+    let web_0 = tb.pods.iter().find(|p| p.name == "web-0").expect("web-0").ip;
+    for (path, bypass, client) in [("socket balancing", false, web_0), ("TC path", true, tb.nodes[0].ip)] {
+        let exchanges = netns::within(&ns_of(&tb, "web-0"), move || {
+            let ask = || (0..10).map(|_| kiada::get_tcp(target, Duration::from_secs(2))).collect::<Vec<_>>();
+            if bypass {
+                sockets::bypass(ask)
+            } else {
+                ask()
+            }
+        })
+        .unwrap();
+        for (reply, peer) in all_ok("hairpin", exchanges) {
+            assert_eq!(reply.pod, "web-0", "{path}");
+            assert_eq!(reply.client.ip(), client, "{path}: the connection's source");
+            assert_eq!(peer, target.into(), "{path}");
+        }
     }
 }
 
