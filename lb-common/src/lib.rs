@@ -10,6 +10,7 @@ pub mod affinity;
 pub mod backend;
 pub mod config;
 pub mod conntrack;
+pub mod fragment;
 pub mod maps;
 pub mod nat;
 pub mod service;
@@ -279,6 +280,21 @@ mod tests {
         assert_eq!(SOURCE_RANGE_FRONTEND_BITS as usize, 8 * offset_of!(SourceRangeKey, client_addr));
         let key = Key::new(SOURCE_RANGE_FRONTEND_BITS + 16, data);
         assert_eq!(bytes(&key), ne(&[&80u32.to_ne_bytes(), bytes(&data)]));
+    }
+
+    #[test]
+    fn fragment_key_is_addresses_then_id_in_network_order_then_proto_and_zero_pad() {
+        use crate::fragment::{FragmentKey, FragmentPorts};
+        let key = FragmentKey {
+            saddr: be_addr(198, 18, 1, 10),
+            daddr: be_addr(198, 19, 0, 10),
+            id: 0x1234u16.to_be(),
+            proto: UDP,
+            _pad: 0,
+        };
+        assert_eq!(bytes(&key), [198, 18, 1, 10, 198, 19, 0, 10, 0x12, 0x34, 17, 0]);
+        let ports = FragmentPorts { sport: 40000u16.to_be(), dport: 53u16.to_be() };
+        assert_eq!(bytes(&ports), [0x9c, 0x40, 0, 53]);
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub const AFFINITY: &str = "XLB_AFFINITY";
 pub const SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
 /// `SockRevNatKey` → `SockRevNatValue`, LRU hash.
 pub const SOCK_REVNAT: &str = "XLB_SOCK_REVNAT";
+/// `FragmentKey` → `FragmentPorts`, LRU hash.
+pub const FRAGMENTS: &str = "XLB_FRAGMENTS";
 /// `u32` (always 0) → `NodeConfig`, array of 1.
 pub const CONFIG: &str = "XLB_CONFIG";
 /// `u32` (`ServiceValue::stats_index`) → `ServiceStats`, per-CPU array.
@@ -25,7 +27,7 @@ pub const SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 pub const SERVICE_NAMES: &str = "XLB_SERVICE_NAMES";
 
 /// Every map, in the order they are pinned and removed.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     SERVICES,
     BACKENDS,
     CT_SERVICE,
@@ -34,6 +36,7 @@ pub const ALL: [&str; 11] = [
     AFFINITY,
     SOURCE_RANGES,
     SOCK_REVNAT,
+    FRAGMENTS,
     CONFIG,
     SERVICE_STATS,
     SERVICE_NAMES,
@@ -51,7 +54,7 @@ pub const LAYOUT_VERSION: u32 = 3;
 
 /// Per map, the layout version in which its layout last changed (a new map: the version
 /// that added it).
-pub const LAYOUT_CHANGED: [(&str, u32); 11] = [
+pub const LAYOUT_CHANGED: [(&str, u32); 12] = [
     (SERVICES, 1),
     (BACKENDS, 1),
     (CT_SERVICE, 1),
@@ -61,6 +64,8 @@ pub const LAYOUT_CHANGED: [(&str, u32); 11] = [
     (AFFINITY, 3),
     (SOURCE_RANGES, 1),
     (SOCK_REVNAT, 1),
+    // Version 3: added.
+    (FRAGMENTS, 3),
     // Version 3: the node's network namespace cookie.
     (CONFIG, 3),
     (SERVICE_STATS, 1),
@@ -94,3 +99,6 @@ pub const AFFINITY_MAX: u32 = 65_536;
 pub const SOURCE_RANGES_MAX: u32 = 16_384;
 /// Sockets of the node's processes connected to a frontend. LRU.
 pub const SOCK_REVNAT_MAX: u32 = 65_536;
+/// Fragmented datagrams in flight whose later fragments are still to come. LRU: an evicted
+/// datagram's later fragments pass untranslated, as those of an unknown one.
+pub const FRAGMENTS_MAX: u32 = 8_192;

@@ -17,6 +17,7 @@
 
 mod conntrack;
 mod csum;
+mod fragments;
 mod icmp;
 mod maps;
 mod nat;

@@ -9,7 +9,11 @@ use lb_common::{
     backend::{Backend, BackendKey},
     config::NodeConfig,
     conntrack::{CtBackend, CtEntry, CtKey},
-    maps::{AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, SERVICES_MAX, SOCK_REVNAT_MAX, SOURCE_RANGES_MAX},
+    fragment::{FragmentKey, FragmentPorts},
+    maps::{
+        AFFINITY_MAX, BACKENDS_MAX, CONNTRACK_MAX, FRAGMENTS_MAX, SERVICES_MAX, SOCK_REVNAT_MAX,
+        SOURCE_RANGES_MAX,
+    },
     nat::NatEntry,
     service::{ServiceKey, ServiceValue},
     socket::{SockRevNatKey, SockRevNatValue},
@@ -49,6 +53,11 @@ pub static XLB_SOURCE_RANGES: LpmTrie<SourceRangeKey, u8, { SOURCE_RANGES_MAX as
 /// The frontend each socket of the node's processes addressed, by (socket, backend).
 #[btf_map]
 pub static XLB_SOCK_REVNAT: LruHashMap<SockRevNatKey, SockRevNatValue, { SOCK_REVNAT_MAX as usize }> =
+    LruHashMap::new();
+
+/// The ports of fragmented datagrams, for their later fragments.
+#[btf_map]
+pub static XLB_FRAGMENTS: LruHashMap<FragmentKey, FragmentPorts, { FRAGMENTS_MAX as usize }> =
     LruHashMap::new();
 
 /// Node settings, slot 0.

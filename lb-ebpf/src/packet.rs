@@ -24,7 +24,8 @@ pub trait Packet: Sized {
     /// bounds only the linear part).
     fn frame_len(&self) -> usize;
     /// Sets the IPv4 address at `off` (source or destination) to `new`, fixing the IPv4
-    /// header checksum and the TCP/UDP pseudo-header checksum.
+    /// header checksum and the TCP/UDP pseudo-header checksum (when the packet holds the L4
+    /// header: not a later fragment).
     fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()>;
     /// Sets the TCP/UDP port at `off` to `new`, fixing the TCP/UDP checksum.
     fn set_port(&mut self, flow: &Flow, off: usize, new: u16) -> Option<()>;
@@ -82,14 +83,17 @@ impl Packet for XdpContext {
     fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()> {
         let field = ptr_at::<u32, _>(self, off)?;
         let ip_csum = ptr_at::<u16, _>(self, flow.l3 + IP_CSUM_OFF)?;
-        let l4_csum = ptr_at::<u16, _>(self, flow.l4_csum_off())?;
+        let l4_csum =
+            if flow.has_l4_header() { Some(ptr_at::<u16, _>(self, flow.l4_csum_off())?) } else { None };
         // SAFETY: all three pointers were bounds-checked by ptr_at.
         let old = unsafe { field.read_unaligned() };
         unsafe {
             field.write_unaligned(new);
             ip_csum.write_unaligned(csum::replace4(ip_csum.read_unaligned(), old, new));
         }
-        xdp_l4_update(flow, l4_csum, |c| csum::replace4(c, old, new));
+        if let Some(l4_csum) = l4_csum {
+            xdp_l4_update(flow, l4_csum, |c| csum::replace4(c, old, new));
+        }
         Some(())
     }
 
@@ -151,8 +155,10 @@ impl Packet for TcContext {
     #[inline(always)]
     fn set_addr(&mut self, flow: &Flow, off: usize, new: u32) -> Option<()> {
         let old: u32 = self.load(off).ok()?;
-        let flags = tc_l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
-        self.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, flags).ok()?;
+        if flow.has_l4_header() {
+            let flags = tc_l4_flags(flow) | BPF_F_PSEUDO_HDR as u64 | 4;
+            self.l4_csum_replace(flow.l4_csum_off(), old as u64, new as u64, flags).ok()?;
+        }
         self.l3_csum_replace(flow.l3 + IP_CSUM_OFF, old as u64, new as u64, 4).ok()?;
         self.store(off, &new, 0).ok()
     }

@@ -5,8 +5,9 @@ use crate::packet::Packet;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
-/// IPv4 flags+fragment offset: MF bit and offset bits. Non-zero means a fragment.
-const IP_MF_OFFSET_MASK: u16 = 0x3fff;
+/// IPv4 flags+fragment offset: the MF bit, and the offset bits (non-zero: a later fragment).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const IP_HLEN: usize = 20;
 
 /// Byte offsets inside the IPv4 header.
@@ -53,6 +54,18 @@ pub fn read<T: Copy, P: Packet>(pkt: &P, off: usize) -> Option<T> {
     ptr_at::<T, P>(pkt, off).map(|p| unsafe { p.read_unaligned() })
 }
 
+/// How a packet stands to IPv4 fragmentation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Fragment {
+    /// A whole datagram.
+    No,
+    /// The first fragment of a datagram: its L4 header is here. The IPv4 identification.
+    First(u16),
+    /// A later fragment: no L4 header; its ports are its first fragment's
+    /// (`fragments::complete` fills them in). The IPv4 identification.
+    Later(u16),
+}
+
 /// An IPv4 TCP or UDP packet the balancer may translate: where its headers are and its tuple.
 #[derive(Clone, Copy)]
 pub struct Flow {
@@ -70,9 +83,17 @@ pub struct Flow {
     pub dport: u16,
     /// IPv4 total length: the bytes a Service's counters add.
     pub len: u16,
+    pub fragment: Fragment,
 }
 
 impl Flow {
+    /// Whether the packet holds the L4 header (ports and checksum) at `l4`: not a later
+    /// fragment.
+    #[inline(always)]
+    pub fn has_l4_header(&self) -> bool {
+        !matches!(self.fragment, Fragment::Later(_))
+    }
+
     /// Offset of the TCP/UDP checksum.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -117,17 +138,20 @@ pub enum Parsed {
     IcmpError(IcmpError),
 }
 
-/// The IPv4 header at `l3`: (header length, total length, protocol, source, destination).
-/// `None` for malformed headers and fragments (no ports to match). Every field is read
-/// through one checked pointer: `l3` may be a variable offset (a header an ICMP error quotes).
+/// The IPv4 header at `l3`: its fields and how it stands to fragmentation. `None` for
+/// malformed headers; a total length must cover the header and 8 bytes more (the L4 header a
+/// whole datagram or first fragment starts with) or, for a later fragment, one byte more.
+/// Every field is read through one checked pointer: `l3` may be a variable offset (a header
+/// an ICMP error quotes).
 #[inline(always)]
-fn ipv4<P: Packet>(pkt: &P, l3: usize) -> Option<(usize, usize, u8, u32, u32)> {
+fn ipv4<P: Packet>(pkt: &P, l3: usize) -> Option<Ipv4> {
     let header = ptr_at::<[u8; IP_HLEN], P>(pkt, l3)? as *const u8;
     // SAFETY: `header` points at IP_HLEN checked bytes; every offset is below it.
-    let (ver_ihl, total_len, frag, proto, saddr, daddr) = unsafe {
+    let (ver_ihl, total_len, id, frag, proto, saddr, daddr) = unsafe {
         (
             header.read(),
             u16::from_be(header.add(2).cast::<u16>().read_unaligned()) as usize,
+            header.add(4).cast::<u16>().read_unaligned(),
             u16::from_be(header.add(6).cast::<u16>().read_unaligned()),
             header.add(9).read(),
             header.add(IP_SADDR_OFF).cast::<u32>().read_unaligned(),
@@ -135,10 +159,28 @@ fn ipv4<P: Packet>(pkt: &P, l3: usize) -> Option<(usize, usize, u8, u32, u32)> {
         )
     };
     let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ver_ihl >> 4 != 4 || ihl < IP_HLEN || frag & IP_MF_OFFSET_MASK != 0 || total_len < ihl + UDP_LEN {
+    let fragment = if frag & IP_OFFSET_MASK != 0 {
+        Fragment::Later(id)
+    } else if frag & IP_MF != 0 {
+        Fragment::First(id)
+    } else {
+        Fragment::No
+    };
+    let min_len = if matches!(fragment, Fragment::Later(_)) { ihl + 1 } else { ihl + UDP_LEN };
+    if ver_ihl >> 4 != 4 || ihl < IP_HLEN || total_len < min_len {
         return None;
     }
-    Some((ihl, total_len, proto, saddr, daddr))
+    Some(Ipv4 { ihl, total_len, proto, saddr, daddr, fragment })
+}
+
+/// The fields of an IPv4 header the balancer uses.
+struct Ipv4 {
+    ihl: usize,
+    total_len: usize,
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+    fragment: Fragment,
 }
 
 /// Ports, TCP flags and TCP header length of the L4 header at `l4`, read through one checked
@@ -166,16 +208,17 @@ fn ports<P: Packet>(pkt: &P, l4: usize, proto: u8, full_header: bool) -> Option<
     }
 }
 
-/// Parses Ethernet + IPv4 + TCP/UDP, or an ICMP error about a TCP/UDP packet. `None` for
-/// everything the balancer leaves alone: other ethertypes and protocols, fragments,
-/// malformed or truncated headers, packets that did not arrive whole.
+/// Parses Ethernet + IPv4 + TCP/UDP (whole, or a fragment of a datagram), or an ICMP error
+/// about a whole TCP/UDP packet. `None` for everything the balancer leaves alone: other
+/// ethertypes and protocols, malformed or truncated headers, packets that did not arrive
+/// whole.
 #[inline(always)]
 pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
     if u16::from_be(read::<u16, P>(pkt, 12)?) != ETH_P_IP {
         return None;
     }
     let l3 = ETH_HLEN;
-    let (ihl, total_len, proto, saddr, daddr) = ipv4(pkt, l3)?;
+    let Ipv4 { ihl, total_len, proto, saddr, daddr, fragment } = ipv4(pkt, l3)?;
     // The kernel drops a packet whose total length is more than arrived (ip_rcv_core): it
     // must not open, touch or close a connection, nor count.
     if l3 + total_len > pkt.frame_len() {
@@ -183,6 +226,19 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
     }
     let l4 = l3 + ihl;
     match proto {
+        // A later fragment: no L4 header to read; its ports come from its first fragment.
+        proto::TCP | proto::UDP if matches!(fragment, Fragment::Later(_)) => Some(Parsed::Flow(Flow {
+            l3,
+            l4,
+            proto,
+            tcp_flags: 0,
+            saddr,
+            daddr,
+            sport: 0,
+            dport: 0,
+            len: total_len as u16,
+            fragment,
+        })),
         proto::TCP | proto::UDP => {
             let (sport, dport, tcp_flags, tcp_len) = ports(pkt, l4, proto, true)?;
             // Nor is a TCP header shorter than 20 bytes or longer than the packet anything to
@@ -200,9 +256,11 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 sport,
                 dport,
                 len: total_len as u16,
+                fragment,
             }))
         }
-        proto::ICMP => {
+        // An ICMP error must be whole to be read.
+        proto::ICMP if fragment == Fragment::No => {
             let icmp = ptr_at::<[u8; ICMP_HLEN], P>(pkt, l4)? as *const u8;
             // SAFETY: points at ICMP_HLEN checked bytes.
             let kind = unsafe { icmp.read() };
@@ -210,10 +268,16 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 return None;
             }
             let inner_l3 = l4 + ICMP_HLEN;
-            let (inner_ihl, inner_len, inner_proto, inner_saddr, inner_daddr) = ipv4(pkt, inner_l3)?;
-            if inner_ihl != IP_HLEN || !matches!(inner_proto, proto::TCP | proto::UDP) {
+            let quoted = ipv4(pkt, inner_l3)?;
+            // Only a quoted whole packet has its ports at a known place for sure.
+            if quoted.ihl != IP_HLEN
+                || quoted.fragment != Fragment::No
+                || !matches!(quoted.proto, proto::TCP | proto::UDP)
+            {
                 return None;
             }
+            let (inner_len, inner_proto, inner_saddr, inner_daddr) =
+                (quoted.total_len, quoted.proto, quoted.saddr, quoted.daddr);
             let inner_l4 = inner_l3 + IP_HLEN;
             let (sport, dport, _, _) = ports(pkt, inner_l4, inner_proto, false)?;
             let inner = Flow {
@@ -226,6 +290,7 @@ pub fn parse<P: Packet>(pkt: &P) -> Option<Parsed> {
                 sport,
                 dport,
                 len: inner_len as u16,
+                fragment: Fragment::No,
             };
             Some(Parsed::IcmpError(IcmpError { l3, icmp: l4, saddr, daddr, inner }))
         }

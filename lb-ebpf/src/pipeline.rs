@@ -6,7 +6,7 @@ use lb_common::{backend::BACKEND_F_LOCAL, service::SVC_F_NO_ENDPOINTS, service::
 pub use crate::service::Origin;
 use crate::{
     conntrack::{self, Endpoint},
-    icmp, nat,
+    fragments, icmp, nat,
     packet::Packet,
     parse::{parse, Flow, Parsed, IP_DADDR_OFF, IP_SADDR_OFF, L4_DPORT_OFF, L4_SPORT_OFF},
     reject, service,
@@ -27,14 +27,17 @@ enum End {
     Destination,
 }
 
-/// Rewrites the address and port of `end` to `to`, checksums included.
+/// Rewrites the address and port of `end` to `to`, checksums included (a later fragment
+/// holds only the address). A first fragment leaves its ports for the later ones.
 #[inline(always)]
 fn rewrite<P: Packet>(pkt: &mut P, flow: &Flow, end: End, to: Endpoint) -> Verdict {
     let (addr_off, port_off) = match end {
         End::Source => (IP_SADDR_OFF, L4_SPORT_OFF),
         End::Destination => (IP_DADDR_OFF, L4_DPORT_OFF),
     };
-    match (pkt.set_addr(flow, flow.l3 + addr_off, to.addr), pkt.set_port(flow, flow.l4 + port_off, to.port)) {
+    fragments::remember(flow);
+    let port = if flow.has_l4_header() { pkt.set_port(flow, flow.l4 + port_off, to.port) } else { Some(()) };
+    match (pkt.set_addr(flow, flow.l3 + addr_off, to.addr), port) {
         (Some(()), Some(())) => Verdict::Pass,
         // A half-translated packet must not leave.
         _ => Verdict::Drop,
@@ -50,11 +53,14 @@ fn now() -> u64 {
 /// Before routing: packets arriving from the fabric (`Origin::External`) or from a local pod.
 #[inline(always)]
 pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
-    let flow = match parse(pkt) {
+    let mut flow = match parse(pkt) {
         Some(Parsed::Flow(flow)) => flow,
         Some(Parsed::IcmpError(err)) => return icmp::ingress(pkt, &err, now()),
         None => return Verdict::Pass,
     };
+    if !fragments::complete(&mut flow) {
+        return Verdict::Pass;
+    }
     let now = now();
 
     // A backend's reply to a SNAT address: hand it back to its client.
@@ -67,7 +73,10 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
     if let Some(backend) = conntrack::lookup_client(&flow, now) {
         return rewrite(pkt, &flow, End::Destination, backend);
     }
-    // A new connection to a frontend.
+    // A new connection to a frontend; a later fragment starts none.
+    if !flow.has_l4_header() {
+        return Verdict::Pass;
+    }
     let Some((frontend, svc)) = service::lookup(flow.daddr, flow.dport, flow.proto) else {
         return Verdict::Pass;
     };
@@ -109,11 +118,14 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
 /// After routing: packets leaving towards the fabric or a local pod.
 #[inline(always)]
 pub fn egress<P: Packet>(pkt: &mut P) -> Verdict {
-    let flow = match parse(pkt) {
+    let mut flow = match parse(pkt) {
         Some(Parsed::Flow(flow)) => flow,
         Some(Parsed::IcmpError(err)) => return icmp::egress(pkt, &err, now()),
         None => return Verdict::Pass,
     };
+    if !fragments::complete(&mut flow) {
+        return Verdict::Pass;
+    }
     let now = now();
 
     // A backend's reply: it must come from the frontend the client addressed.

@@ -255,6 +255,27 @@ pub fn offload_fixed_point(data: &[u8], field: usize) -> u16 {
         .expect("a fixed point exists")
 }
 
+/// `frame` (an unfragmented IPv4 frame built here) as two fragments, split `at` bytes into
+/// its IPv4 payload (a multiple of 8): the first with MF, the later with its offset; both
+/// with the frame's IPv4 identification, DF cleared, total length and header checksum fixed.
+/// The L4 checksum, of the whole datagram, stays in the first.
+pub fn fragments(frame: &[u8], at: usize) -> (Vec<u8>, Vec<u8>) {
+    assert!(at.is_multiple_of(8), "fragment offsets count 8-byte units");
+    let (head, payload) = frame.split_at(offset::L4);
+    let piece = |bytes: &[u8], flags_offset: u16| {
+        let mut out = head.to_vec();
+        out.extend_from_slice(bytes);
+        let ip = &mut out[offset::IP_VER_IHL..offset::L4];
+        ip[2..4].copy_from_slice(&((20 + bytes.len()) as u16).to_be_bytes());
+        ip[6..8].copy_from_slice(&flags_offset.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = checksum(&[ip]);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        out
+    };
+    (piece(&payload[..at], 0x2000), piece(&payload[at..], (at / 8) as u16))
+}
+
 /// Byte offsets in frames built here, for hostile variants.
 pub mod offset {
     pub const ETHERTYPE: usize = 12;

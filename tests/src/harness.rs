@@ -14,6 +14,7 @@ use aya::{
 use lb_common::{
     affinity::{AffinityEntry, AffinityKey},
     conntrack::{CtBackend, CtEntry, CtKey},
+    fragment::{FragmentKey, FragmentPorts},
     maps,
     nat::NatEntry,
     proto,
@@ -246,6 +247,7 @@ pub struct Harness {
     pub ct_service: HashMap<MapData, CtKey, CtBackend>,
     pub nat: HashMap<MapData, CtKey, NatEntry>,
     pub affinity: HashMap<MapData, AffinityKey, AffinityEntry>,
+    pub fragments: HashMap<MapData, FragmentKey, FragmentPorts>,
     pub writer: MapWriter,
     /// What the writer programmed: the frontends and backend groups.
     pub desired: DesiredState,
@@ -292,7 +294,8 @@ impl Harness {
         let ct_service = dp.take_map(maps::CT_SERVICE).unwrap().try_into().unwrap();
         let nat = dp.take_map(maps::NAT).unwrap().try_into().unwrap();
         let affinity = dp.take_map(maps::AFFINITY).unwrap().try_into().unwrap();
-        Self { dp, conntrack, ct_service, nat, affinity, writer, desired }
+        let fragments = dp.take_map(maps::FRAGMENTS).unwrap().try_into().unwrap();
+        Self { dp, conntrack, ct_service, nat, affinity, fragments, writer, desired }
     }
 
     /// Runs `hook`'s program on `input`: (verdict, output frame).

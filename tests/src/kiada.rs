@@ -190,6 +190,29 @@ pub fn get_udp(addr: SocketAddrV4, timeout: Duration) -> anyhow::Result<(Reply, 
     Ok((parse_reply(&String::from_utf8_lossy(&buf[..len]))?, from))
 }
 
+/// The start of a datagram whose bytes the server sends back after its answer line.
+pub const ECHO: &[u8] = b"ECHO ";
+
+/// One datagram of `len` bytes (more than a frame holds: the IP layer fragments it both
+/// ways) to `addr`, echoed back: the answer, after checking every echoed byte.
+pub fn udp_echo(addr: SocketAddrV4, len: usize, timeout: Duration) -> anyhow::Result<Reply> {
+    let socket =
+        sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).context("binding a UDP socket")?;
+    socket.set_read_timeout(Some(timeout))?;
+    let mut datagram = ECHO.to_vec();
+    datagram.extend((0..len as u64).map(pattern));
+    socket.send_to(&datagram, addr).with_context(|| format!("sending {len} bytes to {addr}"))?;
+    let mut buf = vec![0u8; 65536];
+    let (n, _) = socket.recv_from(&mut buf).with_context(|| format!("waiting for {addr}'s echo"))?;
+    let answer = &buf[..n];
+    let line_end = answer.iter().position(|b| *b == b'\n').context("no answer line")?;
+    let echoed = &answer[line_end + 1..];
+    if echoed != &datagram[ECHO.len()..] {
+        bail!("{} of {len} bytes came back from {addr}, not all intact", echoed.len());
+    }
+    parse_reply(&String::from_utf8_lossy(&answer[..line_end]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

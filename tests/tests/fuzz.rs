@@ -1,21 +1,23 @@
 //! Fuzzing the packet path through BPF_PROG_TEST_RUN: random frames and mutations of valid
-//! Service traffic (`XLB_FUZZ_FRAMES` program runs, default 1,000,000) through the three
-//! packet hooks of the real programs, each judged by a userspace model of what the balancer
-//! owns (`Oracle`):
+//! Service traffic (`XLB_FUZZ_FRAMES` program runs, default 1,000,000) through the four
+//! packet hooks of the real programs (XDP, TC external, TC ingress, TC egress), each judged by
+//! a userspace model of what the balancer owns (`Oracle`):
 //!
 //! - a frame it does not own comes out byte for byte as it went in, with PASS;
 //! - such frames write nothing: the conntrack, service conntrack, SNAT and affinity maps and
 //!   the Service counters are the same after a batch of them, keys and values;
-//! - a frame it owns gets a verdict of its hook's set (XDP: PASS, DROP, TX; TC ingress: OK,
-//!   SHOT, REDIRECT; TC egress: OK, SHOT). Passed, it changed only in the addresses, ports and
-//!   checksums its translation may rewrite at that hook, to a backend, a frontend, a SNAT
+//! - a frame it owns gets a verdict of its hook's set (XDP: PASS, DROP, TX; TC ingress, at
+//!   external and pod interfaces: OK, SHOT, REDIRECT; TC egress: OK, SHOT). Passed, it
+//!   changed only in the addresses, ports and checksums its translation may rewrite at that hook, to a backend, a frontend, a SNAT
 //!   source or the client of a SNAT binding, with every checksum summing as before; bounced,
 //!   it is exactly the ICMP port unreachable for a Service without endpoints.
 //!
 //! Owned: a well-formed IPv4 packet (ethertype 0x0800, version 4, IHL ≥ 5, a total length
-//! that covers the headers and arrived whole, not a fragment, a TCP data offset ≥ 5 within
-//! the packet) that is TCP or UDP to a programmed frontend or on a tracked tuple, or an ICMP
-//! error (destination unreachable, time exceeded, parameter problem) quoting a tracked flow;
+//! that covers the headers and arrived whole, a TCP data offset ≥ 5 within the packet) that is
+//! TCP or UDP to a programmed frontend or on a tracked tuple (a later fragment, which has no
+//! L4 header: with the ports its first fragment left in `XLB_FRAGMENTS`; it may change only in
+//! an address and the IPv4 header checksum), or an ICMP error (destination unreachable, time
+//! exceeded, parameter problem) quoting a whole tracked flow;
 //! per hook, as the pipeline looks them up. Tracked: the connections of `baseline`, put back
 //! (and everything else removed) before each chunk of frames, so the LRU tables never fill.
 //! In a chunk the frames the model does not own run first, with one map snapshot around them
@@ -44,6 +46,7 @@ use lb_common::{
     affinity::{AffinityEntry, AffinityKey},
     config::{SNAT_PORT_MAX, SNAT_PORT_MIN},
     conntrack::{CtBackend, CtEntry, CtKey, CT_STATE_ESTABLISHED, CT_STATE_OTHER},
+    fragment::{FragmentKey, FragmentPorts},
     nat::NatEntry,
     proto,
     service::{ServiceKey, SVC_F_NO_ENDPOINTS},
@@ -170,6 +173,8 @@ fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         ("tc-ingress-ack-clusterip-remote", tcp(POD_A2_REMOTE, CIP_REMOTE, ACK)),
         ("tc-ingress-udp-clusterip", udp(POD_A2, CIP_LOCAL_DNS, true)),
         ("tc-ingress-udp-clusterip-new", udp(POD_NEW, CIP_LOCAL_DNS, true)),
+        ("tc-ingress-udp-clusterip-first-fragment", frame::fragments(&udp(POD_A2, CIP_LOCAL_DNS, true), 8).0),
+        ("tc-ingress-udp-clusterip-later-fragment", frame::fragments(&udp(POD_A2, CIP_LOCAL_DNS, true), 8).1),
         ("tc-ingress-syn-no-endpoints", tcp(POD_NEW, CIP_EMPTY, SYN)),
         ("tc-ingress-udp-no-endpoints", udp(POD_NEW, CIP_EMPTY_DNS, true)),
         ("tc-ingress-syn-itp-local", tcp(POD_NEW, CIP_ITP_LOCAL, SYN)),
@@ -185,6 +190,7 @@ fn seed_corpus() -> Vec<(&'static str, Vec<u8>)> {
         ("tc-egress-reply-clusterip", tcp(POD_A, POD_A2, ACK)),
         ("tc-egress-reply-clusterip-remote", tcp(POD_B, POD_A2_REMOTE, FIN | ACK)),
         ("tc-egress-udp-reply", udp(POD_A_DNS, POD_A2, true)),
+        ("tc-egress-udp-reply-later-fragment", frame::fragments(&udp(POD_A_DNS, POD_A2, true), 8).1),
         ("tc-egress-snat-hairpin", tcp(HAIRPIN, POD_A, ACK)),
         ("tc-egress-reply-hairpin", tcp(POD_A, HAIRPIN, ACK)),
         ("tc-egress-reply-untracked", tcp(POD_A, CLIENT_NEW, ACK)),
@@ -321,6 +327,8 @@ struct Flow {
     l3: usize,
     l4: usize,
     key: CtKey,
+    /// A later fragment: no L4 header at `l4`, its ports from its first fragment.
+    later_fragment: bool,
 }
 
 impl Flow {
@@ -365,40 +373,55 @@ fn put(frame: &mut [u8], off: usize, bytes: &[u8]) {
     }
 }
 
-/// The IPv4 header at `l3`: (header length, total length, protocol, source, destination), or
-/// `None` when it is cut short, not version 4, shorter than 20 bytes, a fragment, or its
-/// total length does not cover it and 8 bytes more.
-fn ipv4(frame: &[u8], l3: usize) -> Option<(usize, usize, u8, u32, u32)> {
+/// The IPv4 header at `l3`: (header length, total length, protocol, source, destination,
+/// fragment), or `None` when it is cut short, not version 4, shorter than 20 bytes, or its
+/// total length does not cover it and 8 bytes more (1 more for a later fragment). The
+/// fragment: `None` for a whole packet, else (later fragment, IPv4 identification as stored).
+fn ipv4(frame: &[u8], l3: usize) -> Option<(usize, usize, u8, u32, u32, Option<(bool, u16)>)> {
     let header = frame.get(l3..l3 + 20)?;
     let ihl = usize::from(header[0] & 0x0f) * 4;
     let total_len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-    let fragment = u16::from_be_bytes([header[6], header[7]]) & 0x3fff;
-    if header[0] >> 4 != 4 || ihl < 20 || fragment != 0 || total_len < ihl + 8 {
+    let flags_offset = u16::from_be_bytes([header[6], header[7]]);
+    let later = flags_offset & 0x1fff != 0;
+    let fragment = (later || flags_offset & 0x2000 != 0).then_some((later, raw16(header, 4)));
+    if header[0] >> 4 != 4 || ihl < 20 || total_len < ihl + if later { 1 } else { 8 } {
         return None;
     }
-    Some((ihl, total_len, header[9], raw32(header, 12), raw32(header, 16)))
+    Some((ihl, total_len, header[9], raw32(header, 12), raw32(header, 16), fragment))
 }
 
 /// The tuple of the TCP/UDP header at `l4`, when its first 8 bytes are in the frame.
 fn flow(frame: &[u8], l3: usize, l4: usize, proto: u8, saddr: u32, daddr: u32) -> Option<Flow> {
     frame.get(l4..l4 + 8)?;
     let (sport, dport) = (raw16(frame, l4), raw16(frame, l4 + 2));
-    Some(Flow { l3, l4, key: CtKey { saddr, daddr, sport, dport, proto, _pad: [0; 3] } })
+    Some(Flow {
+        l3,
+        l4,
+        key: CtKey { saddr, daddr, sport, dport, proto, _pad: [0; 3] },
+        later_fragment: false,
+    })
 }
 
-/// What the balancer may act on in `frame`.
-fn parse(frame: &[u8]) -> Option<Parsed> {
+/// What the balancer may act on in `frame`; `fragments` gives the ports a later fragment's
+/// first fragment left (`XLB_FRAGMENTS`).
+fn parse(frame: &[u8], fragments: impl Fn(FragmentKey) -> Option<FragmentPorts>) -> Option<Parsed> {
     if frame.get(12..14)? != [0x08, 0x00] {
         return None;
     }
     let l3 = ETH_HLEN;
-    let (ihl, total_len, proto, saddr, daddr) = ipv4(frame, l3)?;
+    let (ihl, total_len, proto, saddr, daddr, fragment) = ipv4(frame, l3)?;
     // The whole packet must have arrived: the kernel drops a truncated one (ip_rcv_core).
     if l3 + total_len > frame.len() {
         return None;
     }
     let l4 = l3 + ihl;
     match proto {
+        proto::TCP | proto::UDP if matches!(fragment, Some((true, _))) => {
+            let id = fragment.map_or(0, |(_, id)| id);
+            let ports = fragments(FragmentKey { saddr, daddr, id, proto, _pad: 0 })?;
+            let key = CtKey { saddr, daddr, sport: ports.sport, dport: ports.dport, proto, _pad: [0; 3] };
+            Some(Parsed::Flow { flow: Flow { l3, l4, key, later_fragment: true }, ihl, total_len })
+        }
         proto::TCP | proto::UDP => {
             if proto == proto::TCP {
                 let data_offset = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
@@ -408,7 +431,7 @@ fn parse(frame: &[u8]) -> Option<Parsed> {
             }
             Some(Parsed::Flow { flow: flow(frame, l3, l4, proto, saddr, daddr)?, ihl, total_len })
         }
-        proto::ICMP => {
+        proto::ICMP if fragment.is_none() => {
             if !matches!(
                 frame.get(l4..l4 + 8)?[0],
                 ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
@@ -416,8 +439,10 @@ fn parse(frame: &[u8]) -> Option<Parsed> {
                 return None;
             }
             let inner_l3 = l4 + 8;
-            let (inner_ihl, _, inner_proto, inner_saddr, inner_daddr) = ipv4(frame, inner_l3)?;
-            if inner_ihl != 20 || !matches!(inner_proto, proto::TCP | proto::UDP) {
+            let (inner_ihl, _, inner_proto, inner_saddr, inner_daddr, inner_fragment) =
+                ipv4(frame, inner_l3)?;
+            if inner_ihl != 20 || inner_fragment.is_some() || !matches!(inner_proto, proto::TCP | proto::UDP)
+            {
                 return None;
             }
             let inner = flow(frame, inner_l3, inner_l3 + 20, inner_proto, inner_saddr, inner_daddr)?;
@@ -552,6 +577,11 @@ fn rewritable(hook: Hook, parsed: &Parsed) -> Vec<Range<usize>> {
         [addr..addr + 4, port..port + 2, flow.l3 + 10..flow.l3 + 12]
     };
     match parsed {
+        // A later fragment: only the address and the IPv4 header checksum.
+        Parsed::Flow { flow, .. } if flow.later_fragment => {
+            let (addr, _) = end_offsets(flow, !ingress);
+            vec![addr..addr + 4, flow.l3 + 10..flow.l3 + 12]
+        }
         // Ingress translates destinations (DNAT, SNAT undone), egress sources.
         Parsed::Flow { flow, .. } => {
             let mut ranges = fields(flow, !ingress).to_vec();
@@ -602,8 +632,20 @@ fn judge_translation(
             if sum(&[&input[ip.clone()]]) != sum(&[&out[ip]]) {
                 return Some("the IPv4 header checksum no longer sums as before".into());
             }
-            let csum = be16(input, flow.csum_off()).unwrap();
             let end = flow.l3 + total_len;
+            if flow.later_fragment {
+                // No L4 header: the address must be one a translation of its flow gives.
+                let to = raw32(out, end_offsets(flow, !ingress).0);
+                let plausible = if ingress {
+                    oracle.backends.iter().any(|b| b.0 == to)
+                        || nat_client(&flow.key).is_some_and(|c| c.0 == to)
+                } else {
+                    oracle.frontend_ends.iter().any(|f| f.0 == to) || to == oracle.snat_addr
+                };
+                return (!plausible)
+                    .then(|| format!("a later fragment translated to {to:#x}, no flow's address"));
+            }
+            let csum = be16(input, flow.csum_off()).unwrap();
             if flow.key.proto == proto::UDP && csum == 0 {
                 if be16(out, flow.csum_off()) != Some(0) {
                     return Some("a UDP datagram without checksum got one".into());
@@ -732,15 +774,24 @@ fn clear<K: Pod, V: Pod>(map: &mut HashMap<MapData, K, V>) {
     }
 }
 
-/// Empties the per-connection maps, then tracks `baseline`'s connections afresh.
+/// Empties the per-connection maps, then tracks `baseline`'s connections afresh, each with a
+/// datagram in flight in both directions whose first fragment was translated (IPv4
+/// identification 0x1234, as every frame here has it), so later fragments can be owned.
 fn reset(h: &mut Harness, baseline: &[Connection]) {
     clear(&mut h.conntrack);
     clear(&mut h.ct_service);
     clear(&mut h.nat);
     clear(&mut h.affinity);
+    clear(&mut h.fragments);
     let now = monotonic_ns();
     for connection in baseline {
         h.track(connection, now);
+        let be = |a: SocketAddrV4| (u32::from(*a.ip()).to_be(), a.port().to_be());
+        let arrivals = [(connection.client, connection.frontend), (connection.backend, connection.client)];
+        for ((saddr, sport), (daddr, dport)) in arrivals.map(|(from, to)| (be(from), be(to))) {
+            let key = FragmentKey { saddr, daddr, id: 0x1234u16.to_be(), proto: connection.proto, _pad: 0 };
+            h.fragments.insert(key, FragmentPorts { sport, dport }, 0).expect("fragment entry");
+        }
     }
 }
 
@@ -1289,7 +1340,8 @@ impl Fuzzer {
         let mut not_owned = Vec::new();
         let mut owned = Vec::new();
         for case in cases {
-            match parse(&case.frame).filter(|p| self.oracle.owns(case.hook, p)) {
+            let fragments = |key| self.h.fragments.get(&key, 0).ok();
+            match parse(&case.frame, fragments).filter(|p| self.oracle.owns(case.hook, p)) {
                 Some(parsed) => owned.push((case, parsed)),
                 None => not_owned.push(case),
             }
@@ -1417,7 +1469,7 @@ impl Fuzzer {
 }
 
 /// Fuzzes the packet path: `XLB_FUZZ_FRAMES` program runs (default 1,000,000) over the
-/// three hooks, after every seed at every hook; `XLB_FUZZ_SEED` picks the frames.
+/// four packet hooks, after every seed at every hook; `XLB_FUZZ_SEED` picks the frames.
 #[test]
 fn fuzz_the_packet_path() {
     let frames = env_number("XLB_FUZZ_FRAMES", DEFAULT_FRAMES);
@@ -1457,12 +1509,13 @@ fn fuzz_the_packet_path() {
     let runs: u64 = t.runs.iter().sum();
     let elapsed = start.elapsed();
     println!(
-        "fuzz: {runs} runs (XDP {}, TC ingress {}, TC egress {}) of {} frames in {elapsed:.1?} ({:.1} µs a run)\n\
+        "fuzz: {runs} runs (XDP {}, TC external {}, TC ingress {}, TC egress {}) of {} frames in {elapsed:.1?} ({:.1} µs a run)\n\
          fuzz: {} not owned; {} owned: {} translated, {} passed untouched, {} dropped, {} bounced; \
          {} refused by BPF_PROG_TEST_RUN (too short for its hook)",
         t.runs[0],
         t.runs[1],
         t.runs[2],
+        t.runs[3],
         fuzzer.numbered,
         elapsed.as_secs_f64() * 1e6 / runs as f64,
         t.not_owned,

@@ -59,6 +59,10 @@ fn ask(protocol: u8, target: SocketAddrV4) -> anyhow::Result<Reply> {
     }
 }
 
+fn udp(addr: Ipv4Addr, port: u16) -> ServiceKey {
+    ServiceKey::new(addr, port, proto::UDP)
+}
+
 fn proto_name(protocol: u8) -> &'static str {
     if protocol == proto::TCP {
         "TCP"
@@ -112,12 +116,7 @@ fn services_should_be_rejected_when_no_endpoints_exist() {
     const NODE_PORT: u16 = 30510;
     const PORTS: [Port; 2] =
         [("tcp", 80, 8080, Some(NODE_PORT), "TCP"), ("udp", 80, 8080, Some(NODE_PORT), "UDP")];
-    let keys = [
-        tcp(EMPTY_IP, 80),
-        ServiceKey::new(EMPTY_IP, 80, proto::UDP),
-        tcp(NODE_A, NODE_PORT),
-        ServiceKey::new(NODE_A, NODE_PORT, proto::UDP),
-    ];
+    let keys = [tcp(EMPTY_IP, 80), udp(EMPTY_IP, 80), tcp(NODE_A, NODE_PORT), udp(NODE_A, NODE_PORT)];
     let tb = up(
         &spec(&[("web-0", 0), ("curl", 0)]),
         |tb| nodes_yaml(tb) + &service_yaml("empty", "NodePort", EMPTY_IP, &PORTS, ""),
@@ -190,7 +189,7 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_when_server_pod_cycles() {
             + &service_yaml("svc-udp", "NodePort", CLUSTER_IP, &PORTS, "")
             + &slice_yaml(tb, "svc-udp", &PORTS, &[(pod, State::Ready)])
     };
-    let keys = [ServiceKey::new(CLUSTER_IP, 80, proto::UDP), ServiceKey::new(NODE_A, NODE_PORT, proto::UDP)];
+    let keys = [udp(CLUSTER_IP, 80), udp(NODE_A, NODE_PORT)];
     let mut tb = up(
         &spec(&[("pod-server-1", 0), ("pod-server-2", 1), ("curl", 0)]),
         |tb| manifest(tb, "pod-server-1"),
@@ -309,15 +308,20 @@ fn session_affinity_is_kept_per_client_pod_under_socket_balancing() {
 /// 20 MB each way through every translated path, with the pods' TSO/GSO on: NodePort to a
 /// pod on the node (DNAT), NodePort to a pod on the other node (DNAT and SNAT), ClusterIP from
 /// a pod through its veth's TC path, and ClusterIP from a pod through socket balancing. Every
-/// byte arrives, in order and intact.
+/// byte arrives, in order and intact. And UDP datagrams of 4,000 bytes, which leave as IP
+/// fragments both ways (netfilter would reassemble them before NAT; the programs translate
+/// every fragment), on the same paths: every one is echoed whole (e2e `[sig-network]
+/// Networking Granular Checks: Services should be able to handle large requests: udp`).
 #[test]
 fn large_transfers_arrive_whole_on_every_translated_path() {
     const LEN: u64 = 20_000_000;
     const LOCAL_PORT: u16 = 30530;
     const REMOTE_PORT: u16 = 30531;
     const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 5, 40);
-    const LOCAL: [Port; 1] = [("http", 80, 8080, Some(LOCAL_PORT), "TCP")];
-    const REMOTE: [Port; 1] = [("http", 80, 8080, Some(REMOTE_PORT), "TCP")];
+    const LOCAL: [Port; 2] =
+        [("http", 80, 8080, Some(LOCAL_PORT), "TCP"), ("udp", 80, 8080, Some(LOCAL_PORT), "UDP")];
+    const REMOTE: [Port; 2] =
+        [("http", 80, 8080, Some(REMOTE_PORT), "TCP"), ("udp", 80, 8080, Some(REMOTE_PORT), "UDP")];
     let tb = up(
         &spec(&[("web-0", 0), ("web-1", 1), ("curl", 0)]),
         |tb| {
@@ -327,13 +331,16 @@ fn large_transfers_arrive_whole_on_every_translated_path() {
                 + &service_yaml("remote", "NodePort", CLUSTER_IP, &REMOTE, "")
                 + &slice_yaml(tb, "remote", &REMOTE, &[("web-1", State::Ready)])
         },
-        &[tcp(NODE_A, LOCAL_PORT), tcp(NODE_A, REMOTE_PORT), tcp(CLUSTER_IP, 80)],
+        &[tcp(NODE_A, LOCAL_PORT), tcp(NODE_A, REMOTE_PORT), tcp(CLUSTER_IP, 80), udp(CLUSTER_IP, 80)],
     );
     let transfer = |target: SocketAddrV4| -> anyhow::Result<()> {
         let timeout = Duration::from_secs(10);
         kiada::download(target, LEN, timeout)?;
         let reply = kiada::post(target, LEN as usize, timeout)?;
         anyhow::ensure!(reply.pod.starts_with("web-"), "answered by {reply:?}");
+        for _ in 0..5 {
+            kiada::udp_echo(target, 4000, Duration::from_secs(2))?;
+        }
         Ok(())
     };
     let mut failures = Vec::new();

@@ -136,6 +136,7 @@ impl MapSizes {
             maps::AFFINITY => maps::AFFINITY_MAX,
             maps::SOURCE_RANGES => maps::SOURCE_RANGES_MAX,
             maps::SOCK_REVNAT => maps::SOCK_REVNAT_MAX,
+            maps::FRAGMENTS => maps::FRAGMENTS_MAX,
             // XLB_CONFIG: one slot.
             _ => 1,
         }

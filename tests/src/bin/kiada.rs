@@ -3,7 +3,8 @@
 //!
 //! `kiada serve` answers HTTP on every `--tcp` port and datagrams on every `--udp` port with
 //! who processed the request and which client address and port it saw (`GET /bytes/N`: N
-//! bytes of a known pattern instead); it prints `ready` once all ports listen. `kiada get tcp|udp ADDR:PORT` sends one request and prints the
+//! bytes of a known pattern instead; a datagram `ECHO <bytes>`: the bytes after the answer
+//! line); it prints `ready` once all ports listen. `kiada get tcp|udp ADDR:PORT` sends one request and prints the
 //! answer line, then `peer ADDR:PORT` (TCP, from getpeername) or `from ADDR:PORT` (UDP,
 //! where the answer came from): what a node's own process sees of a Service.
 use std::{
@@ -117,10 +118,15 @@ fn serve(pod: String, node: String, tcp: &[u16], udp: &[u16]) -> anyhow::Result<
         let socket = UdpSocket::bind(("0.0.0.0", *port))?;
         let (pod, node) = (pod.clone(), node.clone());
         handles.push(thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while let Ok((_, client)) = socket.recv_from(&mut buf) {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((len, client)) = socket.recv_from(&mut buf) {
                 let reply = Reply { pod: pod.clone(), node: node.clone(), client };
-                let _ = socket.send_to(format!("{reply}\n").as_bytes(), client);
+                let mut answer = format!("{reply}\n").into_bytes();
+                // `ECHO <bytes>`: the bytes come back after the answer line.
+                if let Some(payload) = buf[..len].strip_prefix(kiada::ECHO) {
+                    answer.extend_from_slice(payload);
+                }
+                let _ = socket.send_to(&answer, client);
             }
         }));
     }
