@@ -139,18 +139,22 @@ fn addr(id: &SockId) -> (SocketAddrV4, SocketAddrV4) {
     (v4(id.src[0], id.sport), v4(id.dst[0], id.dport))
 }
 
-/// Every connected IPv4 UDP socket of this network namespace.
-pub fn connected_udp_sockets() -> io::Result<Vec<UdpSocket>> {
-    let fd = open()?;
-    let request = Request {
+/// A request about connected IPv4 UDP sockets, `id` naming one (or all, zeroed).
+fn connected_udp(id: SockId) -> Request {
+    Request {
         family: libc::AF_INET as u8,
         protocol: libc::IPPROTO_UDP as u8,
         ext: 0,
         pad: 0,
         states: 1 << TCP_ESTABLISHED,
-        id: SockId::default(),
-    };
-    send(&fd, SOCK_DIAG_BY_FAMILY, libc::NLM_F_DUMP as u16, request)?;
+        id,
+    }
+}
+
+/// Every connected IPv4 UDP socket of this network namespace.
+pub fn connected_udp_sockets() -> io::Result<Vec<UdpSocket>> {
+    let fd = open()?;
+    send(&fd, SOCK_DIAG_BY_FAMILY, libc::NLM_F_DUMP as u16, connected_udp(SockId::default()))?;
     let mut sockets = Vec::new();
     receive(&fd, |payload| {
         if payload.len() < mem::size_of::<DiagMsg>() {
@@ -171,15 +175,7 @@ pub fn connected_udp_sockets() -> io::Result<Vec<UdpSocket>> {
 /// Destroys `socket`: its process sees ECONNABORTED and the socket is no longer connected.
 pub fn destroy(socket: &UdpSocket) -> io::Result<()> {
     let fd = open()?;
-    let request = Request {
-        family: libc::AF_INET as u8,
-        protocol: libc::IPPROTO_UDP as u8,
-        ext: 0,
-        pad: 0,
-        states: 1 << TCP_ESTABLISHED,
-        id: socket.id,
-    };
-    send(&fd, SOCK_DESTROY, libc::NLM_F_ACK as u16, request)?;
+    send(&fd, SOCK_DESTROY, libc::NLM_F_ACK as u16, connected_udp(socket.id))?;
     receive(&fd, |_| {})
 }
 

@@ -67,6 +67,16 @@ pub fn service_yaml(name: &str, kind: &str, cluster_ip: Ipv4Addr, ports: &[Port]
     yaml + "---\n"
 }
 
+/// Two nodes with `pods` as (name, node index), each serving kiada on TCP and UDP 8080.
+pub fn spec(pods: &[(&str, usize)]) -> Spec {
+    Spec {
+        nodes: 2,
+        pods: pods.iter().map(|(name, node)| (name.to_string(), *node)).collect(),
+        tcp_ports: vec![8080],
+        udp_ports: vec![8080],
+    }
+}
+
 /// The EndpointSlice of Service `service`: the target ports of `ports`, and `endpoints` as
 /// (pod name, state).
 pub fn slice_yaml(tb: &Testbed, service: &str, ports: &[Port], endpoints: &[(&str, State)]) -> String {
@@ -241,8 +251,38 @@ pub fn request(mut stream: TcpStream, addr: SocketAddrV4) -> anyhow::Result<Repl
     kiada::parse_reply(body)
 }
 
-/// Datagrams from a fixed source port in `ns` to `target` until one is answered by `want`,
-/// or fails at `deadline` with the pods that did answer.
+/// Datagrams from a fixed source port in `ns` to `target` (refused or lost ones sent again)
+/// for `during`, or until one is answered by `until`: the pods that answered, in order.
+pub fn udp_from_port(
+    tb: &Testbed,
+    ns: &str,
+    target: SocketAddrV4,
+    source_port: u16,
+    until: Option<&str>,
+    during: Duration,
+) -> Vec<String> {
+    assert!(tb.owns_namespace(ns));
+    let until = until.map(str::to_string);
+    netns::within(ns, move || {
+        let socket = sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).expect("bind");
+        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+        let deadline = Instant::now() + during;
+        let mut answered = Vec::new();
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && answered.last() != until.as_ref() {
+            let _ = socket.send_to(b"GET", target);
+            if let Ok((len, _)) = socket.recv_from(&mut buf) {
+                answered.push(
+                    kiada::parse_reply(&String::from_utf8_lossy(&buf[..len])).expect("kiada answer").pod,
+                );
+            }
+        }
+        answered
+    })
+    .expect("namespace")
+}
+
+/// As `udp_from_port` until `want` answers; fails at `within` with the pods that did.
 pub fn udp_until(
     tb: &Testbed,
     ns: &str,
@@ -251,31 +291,13 @@ pub fn udp_until(
     want: &str,
     within: Duration,
 ) -> Vec<String> {
-    assert!(tb.owns_namespace(ns));
-    let want = want.to_string();
-    netns::within(ns, move || {
-        let socket = sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).expect("bind");
-        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        let deadline = Instant::now() + within;
-        let mut answered = Vec::new();
-        let mut buf = [0u8; 2048];
-        while Instant::now() < deadline {
-            // Refused or lost datagrams (between two endpoints) are retried.
-            let _ = socket.send_to(b"GET", target);
-            if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                let reply = kiada::parse_reply(&String::from_utf8_lossy(&buf[..len])).expect("kiada answer");
-                let done = reply.pod == want;
-                answered.push(reply.pod);
-                if done {
-                    return answered;
-                }
-            }
-        }
-        let mut tally = std::collections::BTreeMap::<String, usize>::new();
-        answered.into_iter().for_each(|pod| *tally.entry(pod).or_default() += 1);
+    let answered = udp_from_port(tb, ns, target, source_port, Some(want), within);
+    if answered.last().map(String::as_str) != Some(want) {
+        let mut tally = std::collections::BTreeMap::<&str, usize>::new();
+        answered.iter().for_each(|pod| *tally.entry(pod).or_default() += 1);
         panic!(
             "{target} from port {source_port}: {want} never answered within {within:?}; answers: {tally:?}"
         );
-    })
-    .expect("namespace")
+    }
+    answered
 }

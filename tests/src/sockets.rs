@@ -121,18 +121,28 @@ pub fn serve(stream: UnixStream) -> io::Result<()> {
 /// Room for one file descriptor in a control message.
 const CMSG_SPACE: usize = 24;
 
+/// A message of one byte (`byte`) with room for one descriptor in `control`.
+///
+/// # Safety
+/// The message points at `byte`, `iov` and `control`, which must outlive its use.
+unsafe fn message(iov: &mut libc::iovec, control: &mut [u8; CMSG_SPACE]) -> libc::msghdr {
+    let mut msg: libc::msghdr = mem::zeroed();
+    msg.msg_iov = iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = CMSG_SPACE;
+    msg
+}
+
 fn send_fd(stream: &UnixStream, fd: &OwnedFd) -> io::Result<()> {
     let mut byte = [0u8];
     let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
     let mut control = [0u8; CMSG_SPACE];
-    // SAFETY: msghdr zeroed then pointed at live buffers; the control buffer has room for one
-    // cmsghdr with one int (CMSG_SPACE(4) == 24 on 64-bit Linux), filled through the CMSG
-    // macros before sendmsg reads it.
+    // SAFETY: the message points at live buffers; the control buffer has room for one cmsghdr
+    // with one int (CMSG_SPACE(4) == 24 on 64-bit Linux), filled through the CMSG macros
+    // before sendmsg reads it.
     unsafe {
-        let mut msg: libc::msghdr = mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
+        let mut msg = message(&mut iov, &mut control);
         msg.msg_controllen = libc::CMSG_SPACE(mem::size_of::<libc::c_int>() as u32) as usize;
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
@@ -153,11 +163,7 @@ fn receive_fd(stream: &UnixStream) -> io::Result<OwnedFd> {
     // SAFETY: as in send_fd; the descriptor is taken only from an SCM_RIGHTS message of the
     // expected length, and owned from then on.
     unsafe {
-        let mut msg: libc::msghdr = mem::zeroed();
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = CMSG_SPACE;
+        let mut msg = message(&mut iov, &mut control);
         let n = libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC);
         if n < 0 {
             return Err(io::Error::last_os_error());

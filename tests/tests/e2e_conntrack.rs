@@ -14,20 +14,11 @@ use lb_common::{proto, service::ServiceKey};
 use xlb_tests::{
     checks::nodes_yaml,
     frame::{self, ACK},
-    kiada, netns, raw,
+    netns, raw,
     services::*,
     sockets,
-    testbed::{self, Spec, Testbed},
+    testbed::{self, Testbed},
 };
-
-fn spec(pods: &[(&str, usize)]) -> Spec {
-    Spec {
-        nodes: 2,
-        pods: pods.iter().map(|(name, node)| (name.to_string(), *node)).collect(),
-        tcp_ports: vec![8080],
-        udp_ports: vec![8080],
-    }
-}
 
 fn udp(addr: Ipv4Addr, port: u16) -> ServiceKey {
     ServiceKey::new(addr, port, proto::UDP)
@@ -95,7 +86,7 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_for_load_balancer_and_intern
     wait_for(&mut tb, 0, udp(LOCAL_IP, 80), "no local endpoint", |p| p.internal.is_empty());
     let answered = udp_until(&tb, &client, lb_target, 54321, "server-b", Duration::from_secs(5));
     println!("LoadBalancer, endpoint on another node: {answered:?}");
-    let silent = udp_answers(&tb, &curl, local_target, 12345, Duration::from_secs(1));
+    let silent = udp_from_port(&tb, &curl, local_target, 12345, None, Duration::from_secs(1));
     assert!(silent.is_empty(), "ITP=Local without a local endpoint must not answer: {silent:?}");
 
     // Same node: the LoadBalancer's endpoint comes back to node-a (another pod); a new local
@@ -109,32 +100,6 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_for_load_balancer_and_intern
     println!("LoadBalancer, endpoint on the same node: {answered:?}");
     let answered = udp_until(&tb, &curl, local_target, 12345, "server-a2", Duration::from_secs(5));
     println!("ITP=Local, new local endpoint: {answered:?}");
-}
-
-/// The answers to datagrams sent from a fixed source port in `ns` to `target` for `during`.
-fn udp_answers(
-    tb: &Testbed,
-    ns: &str,
-    target: SocketAddrV4,
-    source_port: u16,
-    during: Duration,
-) -> Vec<String> {
-    assert!(tb.owns_namespace(ns));
-    netns::within(ns, move || {
-        let socket = sockets::udp_bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port)).expect("bind");
-        socket.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        let deadline = Instant::now() + during;
-        let mut answered = Vec::new();
-        let mut buf = [0u8; 2048];
-        while Instant::now() < deadline {
-            let _ = socket.send_to(b"GET", target);
-            if let Ok((len, _)) = socket.recv_from(&mut buf) {
-                answered.push(kiada::parse_reply(&String::from_utf8_lossy(&buf[..len])).expect("answer").pod);
-            }
-        }
-        answered
-    })
-    .expect("namespace")
 }
 
 /// e2e `[sig-network] Conntrack should be able to preserve UDP traffic when initial unready
@@ -157,7 +122,7 @@ fn conntrack_should_be_able_to_preserve_udp_traffic_when_initial_unready_endpoin
     );
     let curl = pod(&tb, "curl").ns.clone();
     let target = SocketAddrV4::new(CLUSTER_IP, 80);
-    let unready = udp_answers(&tb, &curl, target, 12345, Duration::from_secs(1));
+    let unready = udp_from_port(&tb, &curl, target, 12345, None, Duration::from_secs(1));
     assert!(unready.is_empty(), "an unready endpoint must get nothing: {unready:?}");
     tb.write_manifest("connections.yaml", &manifest(&tb, State::Ready)).expect("manifest");
     let server = pod_ip(&tb, "pod-server-1");

@@ -27,19 +27,10 @@ use xlb_tests::{
     netns,
     services::*,
     sockets,
-    testbed::{self, Spec, Testbed},
+    testbed::{self, Testbed},
 };
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn spec(pods: &[(&str, usize)]) -> Spec {
-    Spec {
-        nodes: 2,
-        pods: pods.iter().map(|(name, node)| (name.to_string(), *node)).collect(),
-        tcp_ports: vec![8080],
-        udp_ports: vec![8080],
-    }
-}
 
 /// Whether `result` failed with "connection refused" (a TCP RST or an ICMP port unreachable
 /// turned into ECONNREFUSED by the client's socket).
