@@ -864,3 +864,61 @@ fn services_should_fallback_to_local_terminating_endpoints_when_there_are_no_rea
 ) {
     terminating_fallback(Policy::ExternalLocal);
 }
+
+// ---------------------------------------------------------------------------------------
+// Found by these tests
+
+/// Not an e2e test: the bug that made the tests above fail now and then. A pod reaches a
+/// Service over its veth's TC path from source port P (a conntrack entry client:P → backend),
+/// the connection ends (FIN, or RST), and the pod connects to the same backend straight, not
+/// through the Service (as a socket-balanced connection does, or any pod-to-pod connection),
+/// from the same port P. The finished connection's entry used to stay live for its timeout
+/// (FIN 120 s, RST 10 s), so TC egress gave the new connection's SYN-ACK the Service's address
+/// as its source and the client never got an answer (the tests' socket-balanced requests after
+/// TC-path ones to the same ClusterIP timed out when the kernel picked a port used before).
+/// Netfilter lets such a connection through (it remaps a clashing source port); xlb now ends a
+/// finished connection's entries when a SYN not addressed to a frontend arrives on its tuple.
+#[test]
+fn a_pod_reaches_a_backend_straight_from_the_port_of_a_finished_service_connection() {
+    use socket2::{Domain, Protocol, Socket, Type as SocketType};
+    use std::io::{Read as _, Write as _};
+    const IP: Ipv4Addr = Ipv4Addr::new(198, 19, 7, 90);
+    const PORTS: [Port; 1] = [("http", 80, POD_PORT, None, "TCP")];
+    let c = Cluster::up(&[("web-0", 1), ("execpod", 0)], Source::Manifests, |tb| {
+        service_yaml("reuse", "ClusterIP", IP, &PORTS, "")
+            + &slice_yaml(tb, "reuse", &PORTS, &[("web-0", State::Ready)])
+    });
+    let service = SocketAddrV4::new(IP, 80);
+    let backend = SocketAddrV4::new(pod_ip(&c.tb, "web-0"), POD_PORT);
+    // One GET from `port` to `target` over a socket of the test process (the TC path); the
+    // client half-closes first (so the server keeps no TIME_WAIT), or resets the connection
+    // after the answer.
+    let get = |target: SocketAddrV4, port: u16, reset: bool| -> anyhow::Result<String> {
+        let socket = Socket::new(Domain::IPV4, SocketType::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port).into())?;
+        socket.connect_timeout(&target.into(), ANSWER_TIMEOUT)?;
+        let mut stream: std::net::TcpStream = socket.into();
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        write!(stream, "GET / HTTP/1.1\r\nHost: {target}\r\nConnection: close\r\n\r\n")?;
+        if !reset {
+            stream.shutdown(std::net::Shutdown::Write)?;
+        }
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        if reset {
+            Socket::from(stream).set_linger(Some(Duration::ZERO))?;
+        }
+        let reply = kiada::parse_reply(response.split("\r\n\r\n").nth(1).unwrap_or_default())?;
+        Ok(reply.pod)
+    };
+    for (ended, port, reset) in [("FIN", 40_000, false), ("RST", 40_001, true)] {
+        let results = netns::within(&pod(&c.tb, "execpod").ns, move || {
+            [get(service, port, reset), get(backend, port, false)].map(|r| r.map_err(|e| format!("{e:#}")))
+        })
+        .expect("namespace");
+        println!("{ended}: through {service}, then straight to {backend}, from port {port}: {results:?}");
+        assert_eq!(results[0].as_deref(), Ok("web-0"), "{ended}: through the Service");
+        assert_eq!(results[1].as_deref(), Ok("web-0"), "{ended}: straight to the backend afterwards");
+    }
+}
