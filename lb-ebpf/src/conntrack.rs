@@ -83,6 +83,26 @@ pub fn lookup_client(flow: &Flow, now: u64) -> Option<Endpoint> {
     Some(backend)
 }
 
+/// A client's SYN addressed to no frontend (straight to a backend, e.g. after socket
+/// balancing or to a pod's own address) on the client → backend tuple of a finished balanced
+/// connection: a new connection the balancer does not translate, so the finished one's
+/// entries go. Kept, they would give its replies the old frontend as their source (and its
+/// packets the old SNAT source) until they expire, and the client would never see it answer.
+#[inline(always)]
+pub fn end_finished(flow: &Flow, now: u64) {
+    if !is_syn(flow) {
+        return;
+    }
+    let key = flow.key();
+    let Some(entry) = live(&key, now) else { return };
+    if !matches!(entry.state, CT_STATE_FIN | CT_STATE_CLOSED) {
+        return;
+    }
+    let frontend = CtKey { daddr: entry.frontend_addr, dport: entry.frontend_port, ..key };
+    let _ = XLB_CT_SERVICE.remove(&frontend);
+    let _ = XLB_CONNTRACK.remove(&key);
+}
+
 /// A backend's reply `flow` (backend → client, after any SNAT was undone): the frontend it
 /// must come from.
 #[inline(always)]

@@ -78,6 +78,8 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
         return Verdict::Pass;
     }
     let Some((frontend, svc)) = service::lookup(flow.daddr, flow.dport, flow.proto) else {
+        // Not balanced: it may reuse the tuple of a finished connection that was.
+        conntrack::end_finished(&flow, now);
         return Verdict::Pass;
     };
     if origin == Origin::External

@@ -60,12 +60,25 @@ pub fn watch(
     async move { follow_all(client, &node_name, shared, on_rejected).await }
 }
 
-async fn follow_all(client: Client, node_name: &str, shared: Arc<Shared>, on_rejected: OnRejected) {
+/// The watches of Services, EndpointSlices and this node's Node: Services and slices with
+/// kube-proxy's label selector (one for both, as its informer factory), headless Services
+/// also left out by their clusterIP.
+fn watch_configs(node_name: &str) -> [watcher::Config; 3] {
     let labels = label_selector();
-    let services = watcher::Config::default().labels(&labels).fields(SERVICE_FIELD_SELECTOR);
-    let slices = watcher::Config::default().labels(&labels);
-    let node_field = format!("metadata.name={node_name}");
-    let node = watcher::Config::default().fields(&node_field);
+    [
+        watcher::Config::default().labels(&labels).fields(SERVICE_FIELD_SELECTOR),
+        watcher::Config::default().labels(&labels),
+        watcher::Config::default().fields(&node_field(node_name)),
+    ]
+}
+
+fn node_field(node_name: &str) -> String {
+    format!("metadata.name={node_name}")
+}
+
+async fn follow_all(client: Client, node_name: &str, shared: Arc<Shared>, on_rejected: OnRejected) {
+    let [services, slices, node] = watch_configs(node_name);
+    let node_field = node_field(node_name);
     tokio::join!(
         follow(Api::<Service>::all(client.clone()), services, Kind::Service, &shared, &on_rejected),
         follow(Api::<EndpointSlice>::all(client.clone()), slices, Kind::EndpointSlice, &shared, &on_rejected),
@@ -158,5 +171,25 @@ async fn follow<K: Watched>(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// kube-proxy's informers (cmd/kube-proxy/app/server.go) list Services and EndpointSlices
+    /// with one selector, `!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless`:
+    /// a Service labelled headless is never seen, whatever its clusterIP.
+    #[test]
+    fn services_and_slices_are_watched_with_kube_proxys_label_selector() {
+        let [services, slices, node] = watch_configs("node-a");
+        let selector = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+        assert_eq!(services.label_selector.as_deref(), Some(selector));
+        assert_eq!(slices.label_selector.as_deref(), Some(selector));
+        assert_eq!(services.field_selector.as_deref(), Some("spec.clusterIP!=None"));
+        assert_eq!(slices.field_selector, None);
+        assert_eq!(node.label_selector, None);
+        assert_eq!(node.field_selector.as_deref(), Some("metadata.name=node-a"));
     }
 }

@@ -15,7 +15,8 @@ use lb_common::proto;
 
 /// Label that hands a Service to another proxy (kube-proxy skips such Services too).
 pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
-/// Label on EndpointSlices of headless Services.
+/// Label on EndpointSlices of headless Services; kube-proxy skips Services carrying it too
+/// (its informers share one label selector), as `ServiceRecord::from_object` does.
 pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
 /// Label joining an EndpointSlice to its Service.
 pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
@@ -173,8 +174,8 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
 }
 
-/// A Service xlb programs. Headless, ExternalName and other proxies' Services are not
-/// represented: `ServiceRecord::from_object` returns `Ok(None)` for them. Addresses and
+/// A Service xlb programs. Headless (no clusterIP, or labelled `service.kubernetes.io/headless`),
+/// ExternalName and other proxies' Services are not represented: `ServiceRecord::from_object` returns `Ok(None)` for them. Addresses and
 /// ranges are the IPv4 ones; IPv6 entries are left out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServiceRecord {
@@ -263,8 +264,10 @@ impl ServiceRecord {
         node_ports: &RangeInclusive<u16>,
     ) -> Result<Option<Self>, InvalidField> {
         let id = namespaced(&svc.metadata)?;
+        // kube-proxy's label selector, which its Service informer applies too.
         let labels = svc.metadata.labels.as_ref();
-        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME)) {
+        if labels.is_some_and(|l| l.contains_key(LABEL_SERVICE_PROXY_NAME) || l.contains_key(LABEL_HEADLESS))
+        {
             return Ok(None);
         }
         let Some(spec) = svc.spec.as_ref() else {
@@ -1088,8 +1091,15 @@ mod tests {
         let other_proxy = object(
             "kind: Service\nmetadata: {name: other, labels: {service.kubernetes.io/service-proxy-name: cilium}}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n",
         );
+        // kube-proxy's Service informer filters on the headless label as well as on
+        // service-proxy-name (cmd/kube-proxy/app/server.go: one selector for Services and
+        // EndpointSlices), whatever the clusterIP; the EndpointSlice controller does not copy
+        // this label from the Service to its slices, so only the Service shows it.
+        let labelled_headless = object(
+            "kind: Service\nmetadata: {name: labelled, labels: {service.kubernetes.io/headless: ''}}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}\n",
+        );
         let mut store = Store::default();
-        for obj in [&headless, &no_ip, &external, &other_proxy] {
+        for obj in [&headless, &no_ip, &external, &other_proxy, &labelled_headless] {
             assert_eq!(service_record(obj).unwrap(), None, "{}", obj.describe());
             store.apply(obj, "test").unwrap();
         }
