@@ -49,6 +49,12 @@ pub enum State {
     Terminating,
     /// `ready: false, serving: false, terminating: false`: a pod not ready yet.
     NotReady,
+    /// `ready: true, serving: true, terminating: true`: a terminating pod of a Service with
+    /// `publishNotReadyAddresses`, which the EndpointSlice controller publishes as ready.
+    ReadyTerminating,
+    /// `ready: false, serving: false, terminating: true`: a pod shutting down that no longer
+    /// serves.
+    Stopping,
 }
 
 /// A Service of type `kind` with `ports`; `extra` is appended to its spec (two-space indent).
@@ -93,6 +99,8 @@ pub fn slice_yaml(tb: &Testbed, service: &str, ports: &[Port], endpoints: &[(&st
             State::Ready => "ready: true\n    serving: true\n    terminating: false",
             State::Terminating => "ready: false\n    serving: true\n    terminating: true",
             State::NotReady => "ready: false\n    serving: false\n    terminating: false",
+            State::ReadyTerminating => "ready: true\n    serving: true\n    terminating: true",
+            State::Stopping => "ready: false\n    serving: false\n    terminating: true",
         };
         yaml += &format!(
             "- addresses:\n  - {}\n  conditions:\n    {conditions}\n  nodeName: {}\n  targetRef:\n    kind: Pod\n    name: {pod_name}\n    namespace: default\n",
