@@ -275,10 +275,18 @@ fn encode_family<'a, T, L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
     Ok(())
 }
 
-/// Serves `/metrics`; other paths get 404. Does not return in practice: axum logs and retries
-/// failed accepts.
+/// What `/proxyMode` answers: kube-proxy answers its mode there (`iptables`, `nftables`,
+/// `ipvs`), and Kubernetes' e2e tests (`[sig-network] Networking should check kube-proxy
+/// urls`) require a 200 from it.
+pub const PROXY_MODE: &str = "xlb";
+
+/// Serves `/metrics` and `/proxyMode`; other paths get 404. Does not return in practice: axum
+/// logs and retries failed accepts.
 pub async fn serve_metrics(listener: TcpListener, metrics: Arc<Metrics>) -> io::Result<()> {
-    let router = Router::new().route("/metrics", get(scrape)).with_state(metrics);
+    let router = Router::new()
+        .route("/metrics", get(scrape))
+        .route("/proxyMode", get(|| async { PROXY_MODE }))
+        .with_state(metrics);
     axum::serve(listener, router).await
 }
 
@@ -406,6 +414,8 @@ mod tests {
         get(addr, "/metrics");
         assert_eq!(reads.load(Ordering::Relaxed), 2, "the dataplane is read at each scrape");
         assert_eq!(get(addr, "/").status_line, "HTTP/1.1 404 Not Found");
+        let mode = get(addr, "/proxyMode");
+        assert_eq!((mode.status_line.as_str(), mode.body.as_str()), ("HTTP/1.1 200 OK", PROXY_MODE));
     }
 
     #[test]

@@ -101,13 +101,33 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// An IPv4 address as kube-proxy reads one (`netutils.ParseIPSloppy`, Go's parser before
+/// 1.17): four decimal octets, leading zeros allowed and still decimal, so `010.001.002.003`
+/// is 10.1.2.3, never octal (CVE-2021-29923). Objects stored before the API server's
+/// validation tightened may hold such addresses; Rust's parser refuses them.
+fn parse_ipv4_sloppy(value: &str) -> Option<Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = value.split('.');
+    for octet in &mut octets {
+        let part = parts.next()?;
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *octet = part.parse().ok()?;
+    }
+    parts.next().is_none().then_some(Ipv4Addr::from(octets))
+}
+
 fn ipv4(value: &str, field: &str) -> Result<Ipv4Addr, InvalidField> {
-    value.parse().map_err(|_| invalid(field, format!("{value:?} is not an IPv4 address")))
+    parse_ipv4_sloppy(value).ok_or_else(|| invalid(field, format!("{value:?} is not an IPv4 address")))
 }
 
 /// An address of either family: `Ok(None)` for IPv6, which xlb (like kube-proxy's IPv4 proxier)
 /// leaves alone.
 fn ipv4_or_v6(value: &str, field: &str) -> Result<Option<Ipv4Addr>, InvalidField> {
+    if let Some(v4) = parse_ipv4_sloppy(value) {
+        return Ok(Some(v4));
+    }
     match value.parse::<IpAddr>() {
         Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
         Ok(IpAddr::V6(_)) => Ok(None),
@@ -1074,6 +1094,28 @@ mod tests {
         assert_eq!(service_record(&v6).unwrap(), None);
         let bad = svc("bad", "{clusterIP: 10.96.0.1, clusterIPs: [10.96.0.1x], ports: [{port: 80}]}");
         assert_eq!(field_err(service_record(&bad)), "spec.clusterIPs[0]");
+    }
+
+    #[test]
+    fn ipv4_addresses_with_leading_zeros_are_decimal_as_kube_proxy_reads_them() {
+        let cases = [
+            ("010.001.002.003", Some(Ipv4Addr::new(10, 1, 2, 3))),
+            ("198.019.000.010", Some(Ipv4Addr::new(198, 19, 0, 10))),
+            ("0000255.0.0.0", Some(Ipv4Addr::new(255, 0, 0, 0))),
+            ("10.1.2.3", Some(Ipv4Addr::new(10, 1, 2, 3))),
+            ("10.1.2.256", None),
+            ("10.1.2", None),
+            ("10.1.2.3.4", None),
+            ("10..2.3", None),
+            ("+1.1.2.3", None),
+            ("0x0a.1.2.3", None),
+            ("fd00::10", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(parse_ipv4_sloppy(text), want, "{text}");
+        }
+        let zeros = svc("zeros", "{clusterIP: 010.096.000.012, ports: [{port: 80}]}");
+        assert_eq!(service_record(&zeros).unwrap().unwrap().cluster_ip, Ipv4Addr::new(10, 96, 0, 12));
     }
 
     #[test]
