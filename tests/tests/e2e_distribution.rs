@@ -610,7 +610,7 @@ fn change_type_and_ports(protocol: Proto) {
         for from in [Client::Pod("execpod"), Client::PodTc("execpod")] {
             reach(c, from, SocketAddrV4::new(LB_CLUSTER_IP, port), phase);
         }
-        for node_port in node_port {
+        if let Some(node_port) = node_port {
             for node in 0..2 {
                 for from in [Client::External, Client::Pod("execpod")] {
                     reach(c, from, SocketAddrV4::new(c.node_ip(node), node_port), phase);
