@@ -952,3 +952,115 @@ fn load_balancers_esipp_should_handle_updates_to_external_traffic_policy_field()
         assert_eq!(reply.client.ip(), c.tb.client_ip, "back to Local: source IP preserved");
     }
 }
+
+/// `[sig-network] LoadBalancers should not have connectivity disruption during rolling update
+/// with externalTrafficPolicy=Cluster` and `... =Local`: a LoadBalancer over one pod per node
+/// (a DaemonSet) is hit by the external client without pause (one new connection every 20 ms,
+/// through node-a as the load balancer sends it) while the DaemonSet is rolled twice, node by
+/// node, as its controller and kubelet do it: the old pod terminating (`serving`, not ready:
+/// it keeps serving for its grace period) beside the new one not ready yet, then the new one
+/// ready, then the old one gone, each state held until 5 requests were made in it. Every
+/// request must be answered (the e2e test accepts 95%):
+/// with Local policy node-a falls back to its terminating endpoint while it has no ready one.
+fn rolling_update(policy: &str) {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    };
+    use xlb_tests::services::{slice_yaml as state_slice, State};
+    let mut c = Cluster::up(
+        &[None, None],
+        &[("old-a", 0), ("new-a", 0), ("old-b", 1), ("new-b", 1)],
+        &[POD_PORT],
+        |_| String::new(),
+    );
+    let ports: [Port; 1] = [("http", 80, POD_PORT, Some(30560), "TCP")];
+    let hc = if policy == "Local" { format!("  healthCheckNodePort: {HC_PORT}\n") } else { String::new() };
+    let service = lb_yaml(
+        "test-lb-rolling-update",
+        LB_CLUSTER_IP,
+        &ports,
+        &format!("  externalTrafficPolicy: {policy}\n{hc}"),
+        LB_IP,
+    );
+    let objects = |c: &Cluster, endpoints: &[(&str, State)]| {
+        service.clone() + &state_slice(&c.tb, "test-lb-rolling-update", &ports, endpoints)
+    };
+    c.set(&objects(&c, &[("old-a", State::Ready), ("old-b", State::Ready)]));
+    let target = SocketAddrV4::new(LB_IP, 80);
+    let first = if policy == "Local" { &["old-a"][..] } else { &["old-a", "old-b"][..] };
+    reaches(&c, Client::External, Proto::Tcp, target, first, "before the update");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let made = Arc::new(AtomicUsize::new(0));
+    let hitting = {
+        let (stop, made) = (stop.clone(), made.clone());
+        netns::spawn(&c.tb.client, move || {
+            let (mut answered, mut failed) = (0usize, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match kiada::get(target, ANSWER_TIMEOUT) {
+                    Ok(_) => answered += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                made.fetch_add(1, Ordering::Relaxed);
+                // The request rate, not a synchronisation.
+                thread::sleep(Duration::from_millis(20));
+            }
+            (answered, failed)
+        })
+        .expect("client thread")
+    };
+    // Each pod's state in the slice; None: no pod (not created yet, or gone).
+    let mut state: Vec<(&str, Option<State>)> =
+        vec![("old-a", Some(State::Ready)), ("new-a", None), ("old-b", Some(State::Ready)), ("new-b", None)];
+    for round in 0..2 {
+        for node in [0, 1] {
+            let (old, new) = if round == 0 { (node * 2, node * 2 + 1) } else { (node * 2 + 1, node * 2) };
+            for (old_state, new_state) in [
+                (Some(State::Terminating), Some(State::NotReady)),
+                (Some(State::Terminating), Some(State::Ready)),
+                (None, Some(State::Ready)),
+            ] {
+                state[old].1 = old_state;
+                state[new].1 = new_state;
+                let endpoints: Vec<(&str, State)> =
+                    state.iter().filter_map(|(pod, s)| s.map(|s| (*pod, s))).collect();
+                c.set(&objects(&c, &endpoints));
+                // Every state gets its requests: at least 5 made after the agents applied it.
+                let before = made.load(Ordering::Relaxed);
+                checks::eventually("requests in this state", CHANGE_TIMEOUT, || {
+                    anyhow::ensure!(made.load(Ordering::Relaxed) >= before + 5, "waiting for requests");
+                    Ok(())
+                });
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (answered, failed) = hitting.join().expect("client thread").expect("client namespace");
+    assert!(
+        failed.is_empty(),
+        "{policy}: {} of {} requests failed, first: {:?}",
+        failed.len(),
+        answered + failed.len(),
+        failed.first()
+    );
+    assert!(answered >= 60, "{policy}: only {answered} requests made during the updates");
+    let last = if policy == "Local" { &["old-a"][..] } else { &["old-a", "old-b"][..] };
+    reaches(&c, Client::External, Proto::Tcp, target, last, "after two updates");
+}
+
+/// `[sig-network] LoadBalancers should not have connectivity disruption during rolling update
+/// with externalTrafficPolicy=Cluster`: see `rolling_update`.
+#[test]
+fn load_balancers_should_not_have_connectivity_disruption_during_rolling_update_with_external_traffic_policy_cluster(
+) {
+    rolling_update("Cluster");
+}
+
+/// `[sig-network] LoadBalancers should not have connectivity disruption during rolling update
+/// with externalTrafficPolicy=Local`: see `rolling_update`.
+#[test]
+fn load_balancers_should_not_have_connectivity_disruption_during_rolling_update_with_external_traffic_policy_local(
+) {
+    rolling_update("Local");
+}
