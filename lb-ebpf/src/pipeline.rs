@@ -82,10 +82,8 @@ pub fn ingress<P: Packet>(pkt: &mut P, origin: Origin) -> Verdict {
         conntrack::end_finished(&flow, now);
         return Verdict::Pass;
     };
-    if origin == Origin::External
-        && svc.flags & SVC_F_SOURCE_RANGES != 0
-        && !service::source_allowed(frontend, flow.saddr)
-    {
+    // As kube-proxy's firewall chain, whoever the client: outside, a pod, the node.
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 && !service::source_allowed(frontend, flow.saddr) {
         return Verdict::Drop;
     }
     let group = service::group(&svc, origin);

@@ -15,7 +15,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     proto,
-    service::SVC_F_NO_ENDPOINTS,
+    service::{SVC_F_NO_ENDPOINTS, SVC_F_SOURCE_RANGES},
     socket::{SockRevNatKey, SockRevNatValue},
 };
 
@@ -66,13 +66,26 @@ pub fn connect(ctx: &SockAddrContext) -> Verdict {
         return Verdict::Allow;
     }
     let (frontend_addr, frontend_port) = (sa.user_ip4, sa.user_port as u16);
-    let Some((_, svc)) = service::lookup(frontend_addr, frontend_port, protocol) else {
+    let Some((frontend, svc)) = service::lookup(frontend_addr, frontend_port, protocol) else {
         return Verdict::Allow;
     };
     let netns = netns_cookie(ctx);
-    let in_pod = XLB_CONFIG.get(0).is_none_or(|c| c.host_netns_cookie != netns);
+    let config = XLB_CONFIG.get(0);
+    let in_pod = config.is_none_or(|c| c.host_netns_cookie != netns);
     if protocol == proto::UDP && in_pod {
         return Verdict::Allow;
+    }
+    if svc.flags & SVC_F_SOURCE_RANGES != 0 {
+        // loadBalancerSourceRanges hold for every client, as kube-proxy's firewall chain. A
+        // pod's source is its own address, which its veth's TC path checks: left to it. The
+        // node's is its address (the SNAT address); outside the ranges, refused (EPERM).
+        if in_pod {
+            return Verdict::Allow;
+        }
+        let node_addr = config.map_or(0, |c| c.snat_addr);
+        if !service::source_allowed(frontend, node_addr) {
+            return Verdict::Refuse;
+        }
     }
     let group = service::group(&svc, Origin::Internal);
     if group.1 == 0 {

@@ -567,8 +567,8 @@ fn client_ip_affinity_keeps_a_client_on_one_backend_until_it_expires() {
 
 /// loadBalancerSourceRanges [198.18.0.0/24] on a LoadBalancer IP: a client inside is DNATed
 /// on the LB IP; a client outside is dropped there (frame unchanged, no state) but reaches
-/// the Service's NodePort, which the ranges do not cover; a pod (TC ingress) is not subject to
-/// the ranges.
+/// the Service's NodePort, which the ranges do not cover; a pod outside the ranges (TC
+/// ingress) is dropped on the LB IP as well, as kube-proxy filters every source.
 #[test]
 fn load_balancer_source_ranges_filter_outside_clients_on_the_lb_ip_only() {
     let h = Harness::with(POLICIES);
@@ -578,7 +578,11 @@ fn load_balancer_source_ranges_filter_outside_clients_on_the_lb_ip_only() {
     assert_frame("outside the ranges", h.run(Hook::XdpIngress, &outside), XDP_DROP, &outside);
     assert_eq!(h.entries(), before, "no state for a dropped connection");
     assert_eq!(open(&h, Hook::XdpIngress, OUTSIDER, NP_RANGES), POD_A, "the NodePort has no ranges");
-    assert_eq!(open(&h, Hook::TcIngress, POD_A2, LB_RANGES), POD_A, "pods are not filtered");
+    // Pods too, as kube-proxy filters every source (the fix: pods used to pass).
+    let from_pod = frame::tcp(POD_A2, LB_RANGES, SYN);
+    let before = h.entries();
+    assert_frame("a pod outside the ranges", h.run(Hook::TcIngress, &from_pod), TC_ACT_SHOT, &from_pod);
+    assert_eq!(h.entries(), before, "no state for a dropped pod connection");
 }
 
 /// A Service's externalIPs are frontends for clients from outside: DNATed at XDP.
