@@ -10,6 +10,7 @@
 //! is created in the root network namespace.
 pub mod apiserver;
 pub mod checks;
+pub mod e2e;
 pub mod frame;
 pub mod harness;
 pub mod kiada;

@@ -270,7 +270,13 @@ fn conntrack_proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntr
             Ok(seen)
         })
         .expect("server namespace");
-        listening_rx.recv_timeout(Duration::from_secs(5)).expect("server listening");
+        if let Err(e) = listening_rx.recv_timeout(Duration::from_secs(5)) {
+            let why = match server_side.join() {
+                Ok(Ok(Err(e))) => format!("{e:#}"),
+                _ => "the server thread failed".into(),
+            };
+            panic!("{what}: the server is not listening ({e}): {why}");
+        }
 
         let server_addr = server.ip;
         let client_side =

@@ -18,48 +18,25 @@ use std::{
     io::{Read as _, Write as _},
     net::{Ipv4Addr, SocketAddrV4},
     thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_common::{proto, service::ServiceKey};
 use xlb_tests::{
     checks,
-    kiada::{self, Reply},
-    netns,
-    services::{host_get, pod, pod_ip, programmed, service_yaml, Port, CHANGE_TIMEOUT, START_TIMEOUT},
+    e2e::{self, ask, fails, reaches, Client, Proto, ANSWER_TIMEOUT},
+    kiada, netns,
+    services::{pod, pod_ip, programmed, service_yaml, Port, CHANGE_TIMEOUT, START_TIMEOUT},
     sockets,
     testbed::{Spec, Testbed},
 };
 
 /// The port every pod's kiada serves, over TCP and UDP.
 const POD_PORT: u16 = 8080;
-/// Timeout of a request that must be answered.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of a request that must fail: refused and unreachable come back at once, a drop
-/// shows as this timeout.
-const FAIL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Requests made at least, even when one pod must answer all of them, so that a pod that must
-/// not answer gets its chances.
-const SAMPLE: usize = 12;
 const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 // ---------------------------------------------------------------------------------------
 // The cluster and its objects
-
-const MARKER: &str = "sync-marker";
-const MARKER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
-
-fn marker_backend(version: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 254, version)
-}
-
-fn marker_yaml(version: u8) -> String {
-    let port = u16::from(version);
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {MARKER}\n  namespace: default\nspec:\n  clusterIP: {MARKER_IP}\n  ports:\n  - name: v\n    port: {port}\n    targetPort: {port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {MARKER}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {MARKER}\naddressType: IPv4\nports:\n- name: v\n  port: {port}\n  protocol: TCP\nendpoints:\n- addresses:\n  - {}\n---\n",
-        marker_backend(version)
-    )
-}
 
 /// A namespace cluster whose agents follow a manifests directory, with the Nodes' zones.
 struct Cluster {
@@ -133,31 +110,13 @@ impl Cluster {
 
     fn write(&mut self, objects: &str) {
         self.version += 1;
-        let docs = self.nodes_yaml() + objects + &marker_yaml(self.version);
+        let docs = self.nodes_yaml() + objects + &e2e::marker_yaml(self.version);
         self.tb.write_manifest("e2e.yaml", &docs).expect("manifest");
     }
 
     /// Waits until every node's maps hold the marker of the last change.
     fn synced(&mut self, timeout: Duration) {
-        let version = self.version;
-        let key = ServiceKey::new(MARKER_IP, u16::from(version), proto::TCP);
-        for i in 0..self.tb.nodes.len() {
-            let deadline = Instant::now() + timeout;
-            loop {
-                self.tb.check_agent_alive(i).expect("agent alive");
-                let seen = programmed(&self.tb, i, key);
-                if seen.as_ref().is_some_and(|p| p.internal == [marker_backend(version)]) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} did not apply change {version} within {timeout:?}; marker: {seen:?}",
-                    self.tb.nodes[i].name
-                );
-                // The polling interval; the marker is what is waited for.
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+        e2e::wait_applied(&mut self.tb, self.version, timeout);
     }
 
     fn node_ip(&self, node: usize) -> Ipv4Addr {
@@ -244,88 +203,6 @@ fn http_slice(c: &Cluster, service: &str, endpoints: &[Hinted]) -> String {
 // ---------------------------------------------------------------------------------------
 // Traffic
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-/// Who sends a request.
-#[derive(Clone, Copy, Debug)]
-enum Client {
-    /// A pod's process, under its node's cgroup as in production: TCP is balanced by the
-    /// agent's socket programs, UDP by the pod's veth (TC).
-    Pod(&'static str),
-    /// The same pod, its sockets outside every cgroup: everything takes the veth's TC path.
-    PodTc(&'static str),
-    /// A process of node `n` (socket balancing, as for a hostNetwork pod).
-    Node(usize),
-    /// The client outside the cluster.
-    External,
-}
-
-/// One request from `from` to `target`: who answered (and the client address it saw), or why
-/// not.
-fn ask(
-    c: &Cluster,
-    from: Client,
-    protocol: Proto,
-    target: SocketAddrV4,
-    timeout: Duration,
-) -> Result<Reply, String> {
-    let request = move || match protocol {
-        Proto::Tcp => kiada::get_tcp(target, timeout),
-        Proto::Udp => kiada::get_udp(target, timeout),
-    };
-    let within = |ns: &str, bypass: bool| {
-        assert!(c.tb.owns_namespace(ns));
-        netns::within(ns, move || if bypass { sockets::bypass(request) } else { request() })
-            .expect("namespace")
-            .map(|(reply, _)| reply)
-            .map_err(|e| format!("{e:#}"))
-    };
-    match from {
-        Client::Pod(name) => within(&pod(&c.tb, name).ns, false),
-        Client::PodTc(name) => within(&pod(&c.tb, name).ns, true),
-        Client::External => within(&c.tb.client, false),
-        Client::Node(node) => {
-            let protocol = if protocol == Proto::Tcp { "tcp" } else { "udp" };
-            host_get(&c.tb, node, protocol, target).map(|(reply, _)| reply)
-        }
-    }
-}
-
-/// New connections from `from` to `target` are all answered, by exactly the pods of `pods`
-/// (`checks::answered_by`: every one of them within a sample that misses one with probability
-/// below 1e-8, and nobody else in at least `SAMPLE`). The replies.
-fn reaches(
-    c: &Cluster,
-    from: Client,
-    protocol: Proto,
-    target: SocketAddrV4,
-    pods: &[&str],
-    phase: &str,
-) -> Vec<Reply> {
-    let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
-    let mut replies = Vec::new();
-    checks::answered_by(&want, SAMPLE, || {
-        let reply = ask(c, from, protocol, target, ANSWER_TIMEOUT).map_err(anyhow::Error::msg)?;
-        replies.push(reply.clone());
-        Ok(reply.pod)
-    })
-    .unwrap_or_else(|e| panic!("{phase}: {from:?} → {target}/{protocol:?}: {e:#}"));
-    replies
-}
-
-/// A request from `from` to `target` is not answered (refused, unreachable or dropped): the
-/// error.
-fn fails(c: &Cluster, from: Client, protocol: Proto, target: SocketAddrV4, phase: &str) -> String {
-    match ask(c, from, protocol, target, FAIL_TIMEOUT) {
-        Ok(reply) => panic!("{phase}: {from:?} → {target}/{protocol:?} must fail, answered by {}", reply.pod),
-        Err(e) => e,
-    }
-}
-
 /// Polls node `node`'s `healthCheckNodePort` until it answers the external client with
 /// `want` (`None`: refuses the connection), as the agent's listeners follow its sync; fails
 /// after `CHANGE_TIMEOUT`.
@@ -369,7 +246,7 @@ fn distribution_clients(node: usize) -> [Client; 3] {
 /// Every client of node `node` reaches exactly `pods` on `target`.
 fn node_reaches(c: &Cluster, node: usize, target: SocketAddrV4, pods: &[&str], phase: &str) {
     for from in distribution_clients(node) {
-        reaches(c, from, Proto::Tcp, target, pods, &format!("{phase}, {}", c.tb.nodes[node].name));
+        reaches(&c.tb, from, Proto::Tcp, target, pods, &format!("{phase}, {}", c.tb.nodes[node].name));
     }
 }
 
@@ -570,7 +447,7 @@ fn endpoint_slice_should_support_a_service_with_multiple_ports_specified_in_mult
             assert_eq!(c.internal_backends(node, key), [backend].into(), "{ip}:{port} on node {node}");
         }
         for from in [Client::Pod("execpod"), Client::PodTc("execpod"), Client::Node(0), Client::Node(1)] {
-            reaches(&c, from, Proto::Tcp, SocketAddrV4::new(ip, port), &[pod], "multiple slices");
+            reaches(&c.tb, from, Proto::Tcp, SocketAddrV4::new(ip, port), &[pod], "multiple slices");
         }
     }
 }
@@ -604,7 +481,7 @@ fn change_type_and_ports(protocol: Proto) {
     let mut c = Cluster::up(&[None, None], &[("web-0", 1), ("execpod", 0)], &[POD_PORT], |_| String::new());
     let pods = ["web-0"];
     let reach = |c: &Cluster, from: Client, target: SocketAddrV4, phase: &str| {
-        reaches(c, from, protocol, target, &pods, phase);
+        reaches(&c.tb, from, protocol, target, &pods, phase);
     };
     let service_reachable = |c: &Cluster, port: u16, node_port: Option<u16>, phase: &str| {
         for from in [Client::Pod("execpod"), Client::PodTc("execpod")] {
@@ -641,15 +518,15 @@ fn change_type_and_ports(protocol: Proto) {
     c.set(&lb(&c, 80, 30501, &pods));
     service_reachable(&c, 80, Some(30501), "nodePort changed");
     reach(&c, Client::External, SocketAddrV4::new(LB_IP, 80), "nodePort changed: the ingress IP");
-    fails(&c, Client::External, protocol, SocketAddrV4::new(c.node_ip(0), 30500), "the old nodePort");
+    fails(&c.tb, Client::External, protocol, SocketAddrV4::new(c.node_ip(0), 30500), "the old nodePort");
 
     c.set(&lb(&c, 81, 30501, &pods));
     service_reachable(&c, 81, Some(30501), "port changed");
     reach(&c, Client::External, SocketAddrV4::new(LB_IP, 81), "port changed: the ingress IP");
-    fails(&c, Client::External, protocol, SocketAddrV4::new(LB_IP, 80), "port changed: the old port");
+    fails(&c.tb, Client::External, protocol, SocketAddrV4::new(LB_IP, 80), "port changed: the old port");
 
     c.set(&lb(&c, 81, 30501, &[]));
-    let err = fails(&c, Client::External, protocol, SocketAddrV4::new(LB_IP, 81), "scaled to 0");
+    let err = fails(&c.tb, Client::External, protocol, SocketAddrV4::new(LB_IP, 81), "scaled to 0");
     if protocol == Proto::Udp {
         assert!(err.to_lowercase().contains("refused"), "scaled to 0: want ICMP port unreachable, got {err}");
     }
@@ -663,9 +540,15 @@ fn change_type_and_ports(protocol: Proto) {
             + &slice(&c, &pods)),
     );
     service_reachable(&c, 81, None, "back to ClusterIP");
-    fails(&c, Client::External, protocol, SocketAddrV4::new(LB_IP, 81), "back to ClusterIP: the ingress IP");
     fails(
-        &c,
+        &c.tb,
+        Client::External,
+        protocol,
+        SocketAddrV4::new(LB_IP, 81),
+        "back to ClusterIP: the ingress IP",
+    );
+    fails(
+        &c.tb,
         Client::External,
         protocol,
         SocketAddrV4::new(c.node_ip(0), 30501),
@@ -704,7 +587,14 @@ fn load_balancers_should_be_able_to_create_load_balancer_service_without_node_po
             "",
         ) + &slice),
     );
-    reaches(&c, Client::Node(0), Proto::Tcp, SocketAddrV4::new(LB_CLUSTER_IP, 80), &["web-0"], "ClusterIP");
+    reaches(
+        &c.tb,
+        Client::Node(0),
+        Proto::Tcp,
+        SocketAddrV4::new(LB_CLUSTER_IP, 80),
+        &["web-0"],
+        "ClusterIP",
+    );
     let without = lb_yaml(
         "reallocate-nodeport-test",
         LB_CLUSTER_IP,
@@ -713,7 +603,14 @@ fn load_balancers_should_be_able_to_create_load_balancer_service_without_node_po
         LB_IP,
     );
     c.set(&(without + &slice));
-    reaches(&c, Client::External, Proto::Tcp, SocketAddrV4::new(LB_IP, 80), &["web-0"], "without nodePort");
+    reaches(
+        &c.tb,
+        Client::External,
+        Proto::Tcp,
+        SocketAddrV4::new(LB_IP, 80),
+        &["web-0"],
+        "without nodePort",
+    );
     for node in 0..2 {
         let key = ServiceKey::new(c.node_ip(node), 30510, proto::TCP);
         assert!(programmed(&c.tb, node, key).is_none(), "no nodePort yet");
@@ -726,10 +623,10 @@ fn load_balancers_should_be_able_to_create_load_balancer_service_without_node_po
         LB_IP,
     );
     c.set(&(with + &slice));
-    reaches(&c, Client::External, Proto::Tcp, SocketAddrV4::new(LB_IP, 80), &["web-0"], "with nodePort");
+    reaches(&c.tb, Client::External, Proto::Tcp, SocketAddrV4::new(LB_IP, 80), &["web-0"], "with nodePort");
     for node in 0..2 {
         let target = SocketAddrV4::new(c.node_ip(node), 30510);
-        reaches(&c, Client::External, Proto::Tcp, target, &["web-0"], "the new nodePort");
+        reaches(&c.tb, Client::External, Proto::Tcp, target, &["web-0"], "the new nodePort");
     }
 }
 
@@ -800,14 +697,21 @@ fn load_balancers_should_only_allow_access_from_service_loadbalancer_source_rang
     ] {
         c.set(&objects(&ranges));
         for from in allowed {
-            reaches(&c, from, Proto::Tcp, target, &["web-0"], phase);
+            reaches(&c.tb, from, Proto::Tcp, target, &["web-0"], phase);
         }
         for from in denied {
-            fails(&c, from, Proto::Tcp, target, phase);
+            fails(&c.tb, from, Proto::Tcp, target, phase);
         }
         for node in 0..2 {
             let node_port = SocketAddrV4::new(c.node_ip(node), 30520);
-            reaches(&c, Client::External, Proto::Tcp, node_port, &["web-0"], &format!("{phase}: nodePort"));
+            reaches(
+                &c.tb,
+                Client::External,
+                Proto::Tcp,
+                node_port,
+                &["web-0"],
+                &format!("{phase}: nodePort"),
+            );
         }
     }
 }
@@ -840,16 +744,16 @@ fn load_balancers_should_have_session_affinity_work_for_load_balancer_service_wi
             let phase = format!("externalTrafficPolicy {policy}, sessionAffinity {affinity}");
             c.set(&objects(affinity));
             if affinity == "None" {
-                reaches(&c, Client::External, Proto::Tcp, target, spread, &phase);
+                reaches(&c.tb, Client::External, Proto::Tcp, target, spread, &phase);
                 continue;
             }
-            let first = ask(&c, Client::External, Proto::Tcp, target, ANSWER_TIMEOUT)
+            let first = ask(&c.tb, Client::External, Proto::Tcp, target, ANSWER_TIMEOUT)
                 .unwrap_or_else(|e| panic!("{phase}: {e}"))
                 .pod;
             assert!(spread.contains(&first.as_str()), "{phase}: answered by {first}");
             // Without affinity, 28 connections stay on one of two pods with probability 2^-27.
             for _ in 0..checks::connections_to_reach_all(2) {
-                let pod = ask(&c, Client::External, Proto::Tcp, target, ANSWER_TIMEOUT)
+                let pod = ask(&c.tb, Client::External, Proto::Tcp, target, ANSWER_TIMEOUT)
                     .unwrap_or_else(|e| panic!("{phase}: {e}"))
                     .pod;
                 assert_eq!(pod, first, "{phase}: affinity");
@@ -895,7 +799,7 @@ fn load_balancers_esipp_should_only_target_nodes_with_endpoints() {
             expect_health(&c, node, HC_PORT, Some(want), &phase);
         }
         c.route_client_via(LB_IP, 32, endpoint_node);
-        for reply in reaches(&c, Client::External, Proto::Tcp, target, &[server], &phase) {
+        for reply in reaches(&c.tb, Client::External, Proto::Tcp, target, &[server], &phase) {
             assert_eq!(
                 reply.client.ip(),
                 c.tb.client_ip,
@@ -904,10 +808,12 @@ fn load_balancers_esipp_should_only_target_nodes_with_endpoints() {
         }
         let node_port = SocketAddrV4::new(c.node_ip(endpoint_node), 30540);
         for from in [Client::Pod("execpod"), Client::PodTc("execpod")] {
-            for reply in reaches(&c, from, Proto::Tcp, node_port, &[server], &format!("{phase}: nodePort")) {
+            for reply in reaches(&c.tb, from, Proto::Tcp, node_port, &[server], &format!("{phase}: nodePort"))
+            {
                 assert_eq!(reply.client.ip(), execpod, "{phase}: source IP preserved on the nodePort");
             }
-            for reply in reaches(&c, from, Proto::Tcp, target, &[server], &format!("{phase}: from a pod")) {
+            for reply in reaches(&c.tb, from, Proto::Tcp, target, &[server], &format!("{phase}: from a pod"))
+            {
                 assert_eq!(reply.client.ip(), execpod, "{phase}: source IP preserved from a pod");
             }
         }
@@ -935,10 +841,10 @@ fn load_balancers_esipp_should_handle_updates_to_external_traffic_policy_field()
         expect_health(&c, node, HC_PORT, None, "Cluster: closed");
     }
     let node_port = SocketAddrV4::new(c.node_ip(0), 30550);
-    reaches(&c, Client::External, Proto::Tcp, node_port, &["web-b"], "Cluster: node-a's nodePort");
+    reaches(&c.tb, Client::External, Proto::Tcp, node_port, &["web-b"], "Cluster: node-a's nodePort");
     c.route_client_via(LB_IP, 32, 0);
     for reply in
-        reaches(&c, Client::External, Proto::Tcp, target, &["web-b"], "Cluster: ingress IP via node-a")
+        reaches(&c.tb, Client::External, Proto::Tcp, target, &["web-b"], "Cluster: ingress IP via node-a")
     {
         assert_eq!(reply.client.ip(), c.node_ip(0), "Cluster: source IP not preserved");
     }
@@ -947,7 +853,8 @@ fn load_balancers_esipp_should_handle_updates_to_external_traffic_policy_field()
     expect_health(&c, 1, HC_PORT, Some(200), "back to Local");
     expect_health(&c, 0, HC_PORT, Some(503), "back to Local");
     c.route_client_via(LB_IP, 32, 1);
-    for reply in reaches(&c, Client::External, Proto::Tcp, target, &["web-b"], "Local: ingress IP via node-b")
+    for reply in
+        reaches(&c.tb, Client::External, Proto::Tcp, target, &["web-b"], "Local: ingress IP via node-b")
     {
         assert_eq!(reply.client.ip(), c.tb.client_ip, "back to Local: source IP preserved");
     }
@@ -989,7 +896,7 @@ fn rolling_update(policy: &str) {
     c.set(&objects(&c, &[("old-a", State::Ready), ("old-b", State::Ready)]));
     let target = SocketAddrV4::new(LB_IP, 80);
     let first = if policy == "Local" { &["old-a"][..] } else { &["old-a", "old-b"][..] };
-    reaches(&c, Client::External, Proto::Tcp, target, first, "before the update");
+    reaches(&c.tb, Client::External, Proto::Tcp, target, first, "before the update");
 
     let stop = Arc::new(AtomicBool::new(false));
     let made = Arc::new(AtomicUsize::new(0));
@@ -1046,7 +953,7 @@ fn rolling_update(policy: &str) {
     );
     assert!(answered >= 60, "{policy}: only {answered} requests made during the updates");
     let last = if policy == "Local" { &["old-a"][..] } else { &["old-a", "old-b"][..] };
-    reaches(&c, Client::External, Proto::Tcp, target, last, "after two updates");
+    reaches(&c.tb, Client::External, Proto::Tcp, target, last, "after two updates");
 }
 
 /// `[sig-network] LoadBalancers should not have connectivity disruption during rolling update

@@ -20,21 +20,19 @@ use std::{
     io::{BufRead as _, BufReader},
     net::{Ipv4Addr, SocketAddrV4},
     process::{Child, Stdio},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use lb_common::{proto, service::ServiceKey};
 use xlb_tests::{
     bin_path,
-    checks::{self, answered_by, node_get, nodes_yaml},
-    kiada::{self, Reply},
-    netns,
-    services::{
-        host_get, pod, pod_ip, programmed, service_yaml, slice_yaml, Port, State, CHANGE_TIMEOUT,
-        START_TIMEOUT,
+    checks::{self, node_get, nodes_yaml},
+    e2e::{
+        self, addresses, ask, fails, pod_clients, service_reachable, service_unreachable, within, Client,
+        Proto, ANSWER_TIMEOUT,
     },
-    sockets,
+    kiada,
+    services::{pod_ip, programmed, service_yaml, slice_yaml, Port, State, CHANGE_TIMEOUT, START_TIMEOUT},
     testbed::{Spec, Testbed},
 };
 
@@ -54,18 +52,10 @@ const AFFINITY_SERVICE: &str = "session-affinity-service";
 /// The netservers, on node-a and node-b, and the test container pod, on node-a.
 const NETSERVERS: [&str; 2] = ["netserver-0", "netserver-1"];
 const TEST_POD: &str = "test-container-pod";
-/// Timeout of a request that must be answered.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of a request that must fail: refused comes back at once, a drop shows as this.
-const FAIL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Requests per client in a check that only one endpoint answers (the e2e's
 /// SessionAffinityChecks is 10): without affinity, 20 requests over two endpoints all reach
 /// the same one with probability 2^-19.
 const AFFINITY_CHECKS: usize = 20;
-/// At least this many requests in a check of which pods answer, so that a pod that must not
-/// answer any more has had its chances: a removed endpoint still in a group of three would
-/// miss 30 requests with probability (2/3)^30 < 1e-5.
-const MIN_REQUESTS: usize = 30;
 /// The e2e's large requests: an HTTP request of 2000 bytes and a UDP datagram of 2000 bytes,
 /// more than the 1500-byte MTU of every link here (the datagram goes as IPv4 fragments).
 const LARGE: usize = 2000;
@@ -83,23 +73,6 @@ const PORTS: [Port; 2] = [
 
 // ---------------------------------------------------------------------------------------
 // The cluster and its objects
-
-/// The barrier's marker: a Service whose port is the change's version, and an EndpointSlice
-/// whose only endpoint's address is too (never contacted).
-const MARKER: &str = "sync-marker";
-const MARKER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
-
-fn marker_backend(version: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 254, version)
-}
-
-fn marker_yaml(version: u8) -> String {
-    let port = u16::from(version);
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {MARKER}\n  namespace: default\nspec:\n  clusterIP: {MARKER_IP}\n  ports:\n  - name: v\n    port: {port}\n    targetPort: {port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {MARKER}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {MARKER}\naddressType: IPv4\nports:\n- name: v\n  port: {port}\n  protocol: TCP\nendpoints:\n- addresses:\n  - {}\n---\n",
-        marker_backend(version)
-    )
-}
 
 /// A namespace cluster of two nodes whose agents read the manifests directory.
 struct Cluster {
@@ -135,31 +108,13 @@ impl Cluster {
 
     fn write(&mut self, objects: &str) {
         self.version += 1;
-        let docs = nodes_yaml(&self.tb) + objects + &marker_yaml(self.version);
+        let docs = nodes_yaml(&self.tb) + objects + &e2e::marker_yaml(self.version);
         self.tb.write_manifest("e2e.yaml", &docs).expect("manifest");
     }
 
     /// Waits until every node's maps hold the marker of the last change.
     fn synced(&mut self, timeout: Duration) {
-        let version = self.version;
-        let key = ServiceKey::new(MARKER_IP, u16::from(version), proto::TCP);
-        for i in 0..self.tb.nodes.len() {
-            let deadline = Instant::now() + timeout;
-            loop {
-                self.tb.check_agent_alive(i).expect("agent alive");
-                let seen = programmed(&self.tb, i, key);
-                if seen.as_ref().is_some_and(|p| p.internal == [marker_backend(version)]) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} did not apply change {version} within {timeout:?}; marker: {seen:?}",
-                    self.tb.nodes[i].name
-                );
-                // The polling interval; the marker is what is waited for.
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+        e2e::wait_applied(&mut self.tb, self.version, timeout);
     }
 
     fn node_ip(&self, node: usize) -> Ipv4Addr {
@@ -199,131 +154,6 @@ fn config_objects(tb: &Testbed) -> String {
 // ---------------------------------------------------------------------------------------
 // Traffic
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-/// Who sends a request.
-#[derive(Clone, Copy, Debug)]
-enum Client {
-    /// A pod's process, under its node's cgroup as in production: TCP is balanced by the
-    /// agent's socket programs, UDP by the pod's veth (TC).
-    Pod(&'static str),
-    /// The same pod, its sockets outside every cgroup: everything takes the veth's TC path.
-    PodTc(&'static str),
-    /// A process of node `n` (socket balancing, as for a hostNetwork pod).
-    Node(usize),
-    /// The client outside the cluster.
-    External,
-}
-
-/// A pod as a client on both of its paths.
-fn pod_clients(name: &'static str) -> [Client; 2] {
-    [Client::Pod(name), Client::PodTc(name)]
-}
-
-/// Runs `request` as `from` does (not for `Client::Node`).
-fn within<T: Send + 'static>(
-    c: &Cluster,
-    from: Client,
-    request: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> Result<T, String> {
-    let (ns, bypass) = match from {
-        Client::Pod(name) => (pod(&c.tb, name).ns.clone(), false),
-        Client::PodTc(name) => (pod(&c.tb, name).ns.clone(), true),
-        Client::External => (c.tb.client.clone(), false),
-        Client::Node(_) => panic!("a node's process runs as a command"),
-    };
-    assert!(c.tb.owns_namespace(&ns));
-    netns::within(&ns, move || if bypass { sockets::bypass(request) } else { request() })
-        .expect("namespace")
-        .map_err(|e| format!("{e:#}"))
-}
-
-/// One request from `from` to `target`: who answered, or why not.
-fn ask(
-    c: &Cluster,
-    from: Client,
-    protocol: Proto,
-    target: SocketAddrV4,
-    timeout: Duration,
-) -> Result<Reply, String> {
-    if let Client::Node(node) = from {
-        let protocol = if protocol == Proto::Tcp { "tcp" } else { "udp" };
-        return host_get(&c.tb, node, protocol, target).map(|(reply, _)| reply);
-    }
-    within(c, from, move || match protocol {
-        Proto::Tcp => kiada::get_tcp(target, timeout).map(|(reply, _)| reply),
-        Proto::Udp => kiada::get_udp(target, timeout).map(|(reply, _)| reply),
-    })
-}
-
-/// Requests from `from` to `target` are all answered, by every one of `pods` and no other
-/// (`checks::answered_by`: at least `MIN_REQUESTS`, and enough that missing a pod falsely
-/// is rarer than one in 10^8).
-fn reaches(c: &Cluster, from: Client, protocol: Proto, target: SocketAddrV4, pods: &[&str], phase: &str) {
-    let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
-    let min = if pods.len() > 1 { MIN_REQUESTS } else { 5 };
-    if let Err(e) = answered_by(&want, min, || {
-        ask(c, from, protocol, target, ANSWER_TIMEOUT).map(|r| r.pod).map_err(anyhow::Error::msg)
-    }) {
-        panic!("{phase}: {from:?} → {target}/{protocol:?}: {e:#}");
-    }
-}
-
-/// A request from `from` to `target` is not answered (refused, unreachable or dropped).
-fn fails(c: &Cluster, from: Client, protocol: Proto, target: SocketAddrV4, phase: &str) {
-    if let Ok(reply) = ask(c, from, protocol, target, FAIL_TIMEOUT) {
-        panic!("{phase}: {from:?} → {target}/{protocol:?} must fail, answered by {}", reply.pod);
-    }
-}
-
-/// The addresses of the test Service's two ports: the ClusterIP and every node's nodePort,
-/// as (protocol, address, whether it is a nodePort).
-fn addresses(c: &Cluster, cluster_ip: Ipv4Addr, ports: &[Port]) -> Vec<(Proto, SocketAddrV4, bool)> {
-    let mut all = Vec::new();
-    for (_, port, _, node_port, protocol) in ports {
-        let protocol = if *protocol == "TCP" { Proto::Tcp } else { Proto::Udp };
-        all.push((protocol, SocketAddrV4::new(cluster_ip, *port), false));
-        for node in 0..c.tb.nodes.len() {
-            all.extend(node_port.map(|np| (protocol, SocketAddrV4::new(c.node_ip(node), np), true)));
-        }
-    }
-    all
-}
-
-/// Every address of the Service (the external client: nodePorts only) answers each of
-/// `clients`, through every one of `pods`.
-fn service_reachable(
-    c: &Cluster,
-    cluster_ip: Ipv4Addr,
-    ports: &[Port],
-    pods: &[&str],
-    clients: &[Client],
-    phase: &str,
-) {
-    for (protocol, target, node_port) in addresses(c, cluster_ip, ports) {
-        for from in clients {
-            if node_port || !matches!(from, Client::External) {
-                reaches(c, *from, protocol, target, pods, phase);
-            }
-        }
-    }
-}
-
-/// No address of the Service answers any of `clients`.
-fn service_unreachable(c: &Cluster, cluster_ip: Ipv4Addr, ports: &[Port], clients: &[Client], phase: &str) {
-    for (protocol, target, node_port) in addresses(c, cluster_ip, ports) {
-        for from in clients {
-            if node_port || !matches!(from, Client::External) {
-                fails(c, *from, protocol, target, phase);
-            }
-        }
-    }
-}
-
 /// The e2e's large requests through `target_http` and `target_udp` from `from`, `count`
 /// times each: a 2000-byte HTTP request (read whole by the server before it answers) and a
 /// 2000-byte datagram echoed back intact (IPv4 fragments both ways); every one answered by
@@ -337,8 +167,8 @@ fn large_requests(
     count: usize,
 ) {
     for i in 0..count {
-        let http = within(c, from, move || kiada::post(target_http, LARGE, ANSWER_TIMEOUT));
-        let udp = within(c, from, move || kiada::udp_echo(target_udp, LARGE, ANSWER_TIMEOUT));
+        let http = within(&c.tb, from, move || kiada::post(target_http, LARGE, ANSWER_TIMEOUT));
+        let udp = within(&c.tb, from, move || kiada::udp_echo(target_udp, LARGE, ANSWER_TIMEOUT));
         for (what, answer) in [("http", http), ("udp", udp)] {
             match answer {
                 Ok(reply) => assert!(
@@ -362,7 +192,7 @@ fn large_requests(
 #[test]
 fn networking_granular_checks_services_should_function_for_pod_service_http_and_udp() {
     let c = Cluster::up(&[], config_objects);
-    service_reachable(&c, CLUSTER_IP, &PORTS, &NETSERVERS, &pod_clients(TEST_POD), "pod-Service");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &NETSERVERS, &pod_clients(TEST_POD), "pod-Service");
 }
 
 /// `[sig-network] Networking Granular Checks: Services should function for node-Service: http`,
@@ -376,7 +206,7 @@ fn networking_granular_checks_services_should_function_for_pod_service_http_and_
 fn networking_granular_checks_services_should_function_for_node_service_http_and_udp() {
     let c = Cluster::up(&[], config_objects);
     let clients = [Client::Node(0), Client::Node(1), Client::External];
-    service_reachable(&c, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "node-Service");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "node-Service");
     for node in 0..c.tb.nodes.len() {
         let (status, body) = node_get(&c.tb, node, 10256, "/healthz").expect("/healthz");
         assert!(status == 200 && body.contains("lastUpdated"), "node {node} /healthz: {status} {body}");
@@ -400,15 +230,15 @@ fn networking_granular_checks_services_should_function_for_endpoint_service_http
     let second = |tb: &Testbed| service_with_pods(tb, SECOND, SECOND_IP, &second_ports, "", &NETSERVERS);
     let mut c = Cluster::up(&[], config_objects);
     let clients = pod_clients(NETSERVERS[0]);
-    service_reachable(&c, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "endpoint-Service");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "endpoint-Service");
 
     c.set(&(config_objects(&c.tb) + &second(&c.tb)));
-    service_reachable(&c, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "two Services, the first");
-    service_reachable(&c, SECOND_IP, &second_ports, &NETSERVERS, &clients, "two Services, the second");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "two Services, the first");
+    service_reachable(&c.tb, SECOND_IP, &second_ports, &NETSERVERS, &clients, "two Services, the second");
 
     c.set(&second(&c.tb));
-    service_reachable(&c, SECOND_IP, &second_ports, &NETSERVERS, &clients, "first deleted, the second");
-    service_unreachable(&c, CLUSTER_IP, &PORTS, &clients, "first deleted, the first");
+    service_reachable(&c.tb, SECOND_IP, &second_ports, &NETSERVERS, &clients, "first deleted, the second");
+    service_unreachable(&c.tb, CLUSTER_IP, &PORTS, &clients, "first deleted, the first");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -429,7 +259,7 @@ fn networking_granular_checks_services_should_update_endpoints_http_and_udp() {
     let cluster_ip_only =
         [("http", HTTP_PORT, POD_PORT, None, "TCP"), ("udp", UDP_PORT, POD_PORT, None, "UDP")];
     let clients = pod_clients(TEST_POD);
-    service_reachable(&c, CLUSTER_IP, &cluster_ip_only, &NETSERVERS, &clients, "initial");
+    service_reachable(&c.tb, CLUSTER_IP, &cluster_ip_only, &NETSERVERS, &clients, "initial");
 
     let after = [NETSERVERS[1], REPLACEMENT];
     c.set(&service_with_pods(&c.tb, SERVICE, CLUSTER_IP, &PORTS, "", &after));
@@ -447,7 +277,7 @@ fn networking_granular_checks_services_should_update_endpoints_http_and_udp() {
             );
         }
     }
-    service_reachable(&c, CLUSTER_IP, &cluster_ip_only, &after, &clients, "endpoint recovery");
+    service_reachable(&c.tb, CLUSTER_IP, &cluster_ip_only, &after, &clients, "endpoint recovery");
 }
 
 /// `[sig-network] Networking Granular Checks: Services should update nodePort: http` and
@@ -459,22 +289,22 @@ fn networking_granular_checks_services_should_update_endpoints_http_and_udp() {
 fn networking_granular_checks_services_should_update_node_port_http_and_udp() {
     let mut c = Cluster::up(&[], config_objects);
     let clients = [Client::Node(0), Client::External];
-    service_reachable(&c, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "initial nodePorts");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &NETSERVERS, &clients, "initial nodePorts");
 
     let moved = [http_port(NODE_HTTP_PORT + 2), udp_port(NODE_UDP_PORT + 2)];
     c.set(&service_with_pods(&c.tb, SERVICE, CLUSTER_IP, &moved, "", &NETSERVERS));
-    service_reachable(&c, CLUSTER_IP, &moved, &NETSERVERS, &clients, "new nodePorts");
+    service_reachable(&c.tb, CLUSTER_IP, &moved, &NETSERVERS, &clients, "new nodePorts");
     let old_node_ports: Vec<(Proto, SocketAddrV4, bool)> =
-        addresses(&c, CLUSTER_IP, &PORTS).into_iter().filter(|(_, _, node_port)| *node_port).collect();
+        addresses(&c.tb, CLUSTER_IP, &PORTS).into_iter().filter(|(_, _, node_port)| *node_port).collect();
     for (protocol, target, _) in &old_node_ports {
         for from in clients {
-            fails(&c, from, *protocol, *target, "old nodePorts");
+            fails(&c.tb, from, *protocol, *target, "old nodePorts");
         }
     }
 
     c.set("");
     service_unreachable(
-        &c,
+        &c.tb,
         CLUSTER_IP,
         &moved,
         &[Client::Node(0), Client::Pod(TEST_POD), Client::External],
@@ -495,13 +325,13 @@ fn networking_granular_checks_services_should_function_for_client_ip_based_sessi
     let c = Cluster::up(&[], config_objects);
     let ports = [http_port(NODE_HTTP_PORT + 100), udp_port(NODE_UDP_PORT + 100)];
     let clients = [Client::Pod(TEST_POD), Client::PodTc(TEST_POD), Client::Node(0), Client::External];
-    for (protocol, target, node_port) in addresses(&c, AFFINITY_IP, &ports) {
+    for (protocol, target, node_port) in addresses(&c.tb, AFFINITY_IP, &ports) {
         for from in clients {
             if !node_port && matches!(from, Client::External) {
                 continue;
             }
             let answered: BTreeSet<String> = (0..AFFINITY_CHECKS)
-                .map(|i| match ask(&c, from, protocol, target, ANSWER_TIMEOUT) {
+                .map(|i| match ask(&c.tb, from, protocol, target, ANSWER_TIMEOUT) {
                     Ok(reply) => reply.pod,
                     Err(e) => panic!("{from:?} → {target}/{protocol:?}: request {i} failed: {e}"),
                 })
@@ -624,7 +454,7 @@ fn networking_granular_checks_services_should_function_for_service_endpoints_usi
     let hosts: Vec<String> = c.tb.nodes.iter().map(|n| host_server(&n.name)).collect();
     let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
     let clients = [Client::Pod(TEST_POD), Client::PodTc(TEST_POD), Client::Node(0), Client::Node(1)];
-    service_reachable(&c, CLUSTER_IP, &PORTS, &hosts, &clients, "hostNetwork endpoints");
+    service_reachable(&c.tb, CLUSTER_IP, &PORTS, &hosts, &clients, "hostNetwork endpoints");
     for from in pod_clients(TEST_POD) {
         large_requests(
             &c,
@@ -663,5 +493,5 @@ fn addresses_with_leading_zeros_are_read_in_decimal_as_kube_proxy_reads_them() {
     let c = Cluster::up(&[], objects);
     let ports = [("http", HTTP_PORT, POD_PORT, None, "TCP"), ("udp", UDP_PORT, POD_PORT, None, "UDP")];
     let clients = [Client::Pod(TEST_POD), Client::PodTc(TEST_POD), Client::Node(0)];
-    service_reachable(&c, IP, &ports, &NETSERVERS, &clients, "leading zeros");
+    service_reachable(&c.tb, IP, &ports, &NETSERVERS, &clients, "leading zeros");
 }

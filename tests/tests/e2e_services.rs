@@ -16,8 +16,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use k8s_openapi::api::{core::v1::Node, core::v1::Service, discovery::v1::EndpointSlice};
@@ -28,28 +27,18 @@ use xlb_tests::{
     apiserver::ApiServer,
     bin_path,
     checks::nodes_yaml,
-    kiada::{self, Reply},
-    netns,
-    services::{
-        host_get, pod, pod_ip, programmed, service_yaml, slice_yaml, Port, State, CHANGE_TIMEOUT,
-        START_TIMEOUT,
+    e2e::{
+        self, fails, reaches, service_reachable, service_unreachable, Client, Proto, ANSWER_TIMEOUT, MARKER,
     },
-    sockets,
+    kiada, netns,
+    services::{
+        pod, pod_ip, programmed, service_yaml, slice_yaml, Port, State, CHANGE_TIMEOUT, START_TIMEOUT,
+    },
     testbed::{Spec, Testbed},
 };
 
 /// The port every pod's kiada serves, over TCP and UDP.
 const POD_PORT: u16 = 8080;
-/// Timeout of a request that must be answered.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
-/// Timeout of a request that must fail: refused and unreachable come back at once, a drop
-/// shows as this timeout.
-const FAIL_TIMEOUT: Duration = Duration::from_secs(1);
-/// Requests that must all be answered and reach every one of two pods: all of them miss one
-/// pod with probability 2 × (1/2)^30 < 2e-9.
-const SPREAD: usize = 30;
-/// Requests to a single pod.
-const ONE_POD: usize = 5;
 /// Where the API server listens in every node's namespace (API mode).
 const API_PORT: u16 = 6443;
 
@@ -68,27 +57,9 @@ enum Source {
 
 const SOURCES: [Source; 2] = [Source::Manifests, Source::Api];
 
-/// The barrier's marker: a Service whose port is the change's version, and an EndpointSlice
-/// whose only endpoint's address is too (never contacted).
-const MARKER: &str = "sync-marker";
-const MARKER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 254);
-
-fn marker_backend(version: u8) -> Ipv4Addr {
-    Ipv4Addr::new(198, 18, 254, version)
-}
-
-fn marker_yaml(version: u8) -> String {
-    let port = u16::from(version);
-    format!(
-        "apiVersion: v1\nkind: Service\nmetadata:\n  name: {MARKER}\n  namespace: default\nspec:\n  clusterIP: {MARKER_IP}\n  ports:\n  - name: v\n    port: {port}\n    targetPort: {port}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {MARKER}-1\n  namespace: default\n  labels:\n    kubernetes.io/service-name: {MARKER}\naddressType: IPv4\nports:\n- name: v\n  port: {port}\n  protocol: TCP\nendpoints:\n- addresses:\n  - {}\n---\n",
-        marker_backend(version)
-    )
-}
-
 /// A namespace cluster of two nodes whose agents follow `source`.
 struct Cluster {
     tb: Testbed,
-    source: Source,
     api: Option<ApiServer>,
     /// What the API holds: (kind, name) → the object as applied.
     applied: BTreeMap<(String, String), Value>,
@@ -113,7 +84,7 @@ impl Cluster {
             }
             api
         });
-        let mut c = Self { tb, source, api, applied: BTreeMap::new(), version: 0 };
+        let mut c = Self { tb, api, applied: BTreeMap::new(), version: 0 };
         let objects = objects(&c.tb);
         c.write(&objects);
         // In the manifests directory, which no agent reads in API mode (removed with it).
@@ -142,7 +113,7 @@ impl Cluster {
 
     fn write(&mut self, objects: &str) {
         self.version += 1;
-        let docs = nodes_yaml(&self.tb) + objects + &marker_yaml(self.version);
+        let docs = nodes_yaml(&self.tb) + objects + &e2e::marker_yaml(self.version);
         let Some(api) = &self.api else {
             self.tb.write_manifest("e2e.yaml", &docs).expect("manifest");
             return;
@@ -184,26 +155,7 @@ impl Cluster {
 
     /// Waits until every node's maps hold the marker of the last change, Service and slice.
     fn synced(&mut self, timeout: Duration) {
-        let version = self.version;
-        let key = ServiceKey::new(MARKER_IP, u16::from(version), proto::TCP);
-        for i in 0..self.tb.nodes.len() {
-            let deadline = Instant::now() + timeout;
-            loop {
-                self.tb.check_agent_alive(i).expect("agent alive");
-                let seen = programmed(&self.tb, i, key);
-                if seen.as_ref().is_some_and(|p| p.internal == [marker_backend(version)]) {
-                    break;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{} ({:?}) did not apply change {version} within {timeout:?}; marker: {seen:?}",
-                    self.tb.nodes[i].name,
-                    self.source
-                );
-                // The polling interval; the marker is what is waited for.
-                thread::sleep(Duration::from_millis(20));
-            }
-        }
+        e2e::wait_applied(&mut self.tb, self.version, timeout);
     }
 
     fn node_ip(&self, node: usize) -> Ipv4Addr {
@@ -305,135 +257,6 @@ fn nothing_programmed(
 // ---------------------------------------------------------------------------------------
 // Traffic
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Proto {
-    Tcp,
-    Udp,
-}
-
-impl Proto {
-    fn of(protocol: &str) -> Self {
-        match protocol {
-            "TCP" => Self::Tcp,
-            "UDP" => Self::Udp,
-            other => panic!("no protocol {other}"),
-        }
-    }
-}
-
-/// Who sends a request.
-#[derive(Clone, Copy, Debug)]
-enum Client {
-    /// A pod's process, under its node's cgroup as in production: TCP is balanced by the
-    /// agent's socket programs, UDP by the pod's veth (TC).
-    Pod(&'static str),
-    /// The same pod, its sockets outside every cgroup: everything takes the veth's TC path.
-    PodTc(&'static str),
-    /// A process of node `n` (`xlb` socket balancing, as for a hostNetwork pod).
-    Node(usize),
-    /// The client outside the cluster.
-    External,
-}
-
-/// One request from `from` to `target`: who answered, or why not.
-fn ask(
-    c: &Cluster,
-    from: Client,
-    protocol: Proto,
-    target: SocketAddrV4,
-    timeout: Duration,
-) -> Result<Reply, String> {
-    let request = move || match protocol {
-        Proto::Tcp => kiada::get_tcp(target, timeout),
-        Proto::Udp => kiada::get_udp(target, timeout),
-    };
-    let within = |ns: &str, bypass: bool| {
-        assert!(c.tb.owns_namespace(ns));
-        netns::within(ns, move || if bypass { sockets::bypass(request) } else { request() })
-            .expect("namespace")
-            .map(|(reply, _)| reply)
-            .map_err(|e| format!("{e:#}"))
-    };
-    match from {
-        Client::Pod(name) => within(&pod(&c.tb, name).ns, false),
-        Client::PodTc(name) => within(&pod(&c.tb, name).ns, true),
-        Client::External => within(&c.tb.client, false),
-        Client::Node(node) => {
-            let protocol = if protocol == Proto::Tcp { "tcp" } else { "udp" };
-            host_get(&c.tb, node, protocol, target).map(|(reply, _)| reply)
-        }
-    }
-}
-
-/// Requests from `from` to `target` are all answered, by exactly `pods` (30 requests for
-/// several pods, 5 for one).
-fn reaches(c: &Cluster, from: Client, protocol: Proto, target: SocketAddrV4, pods: &[&str], phase: &str) {
-    let count = if pods.len() > 1 { SPREAD } else { ONE_POD };
-    let mut answered = BTreeSet::new();
-    for i in 0..count {
-        match ask(c, from, protocol, target, ANSWER_TIMEOUT) {
-            Ok(reply) => answered.insert(reply.pod),
-            Err(e) => panic!("{phase}: {from:?} → {target}/{protocol:?}: request {i} of {count} failed: {e}"),
-        };
-    }
-    let want: BTreeSet<String> = pods.iter().map(|p| p.to_string()).collect();
-    assert_eq!(answered, want, "{phase}: {from:?} → {target}/{protocol:?}: pods that answered");
-}
-
-/// A request from `from` to `target` is not answered (refused, unreachable or dropped).
-fn fails(c: &Cluster, from: Client, protocol: Proto, target: SocketAddrV4, phase: &str) {
-    let started = Instant::now();
-    match ask(c, from, protocol, target, FAIL_TIMEOUT) {
-        Ok(reply) => panic!("{phase}: {from:?} → {target}/{protocol:?} must fail, answered by {}", reply.pod),
-        Err(e) => println!("{phase}: {from:?} → {target}/{protocol:?}: {e} after {:?}", started.elapsed()),
-    }
-}
-
-/// Every address of a Service's `ports`: (protocol, address, whether it is a nodePort).
-fn addresses(c: &Cluster, cluster_ip: Ipv4Addr, ports: &[Port]) -> Vec<(Proto, SocketAddrV4, bool)> {
-    let mut all = Vec::new();
-    for (_, port, _, node_port, protocol) in ports {
-        all.push((Proto::of(protocol), SocketAddrV4::new(cluster_ip, *port), false));
-        for node in 0..c.tb.nodes.len() {
-            all.extend(
-                node_port.map(|np| (Proto::of(protocol), SocketAddrV4::new(c.node_ip(node), np), true)),
-            );
-        }
-    }
-    all
-}
-
-/// The e2e framework's CheckServiceReachability, from each of `clients`: the ClusterIP on every
-/// port and every node's address on every nodePort reach exactly `pods` (the external client
-/// tries the nodePorts only).
-fn service_reachable(
-    c: &Cluster,
-    cluster_ip: Ipv4Addr,
-    ports: &[Port],
-    pods: &[&str],
-    clients: &[Client],
-    phase: &str,
-) {
-    for (protocol, target, node_port) in addresses(c, cluster_ip, ports) {
-        for from in clients {
-            if node_port || !matches!(from, Client::External) {
-                reaches(c, *from, protocol, target, pods, phase);
-            }
-        }
-    }
-}
-
-/// No address of the Service answers any of `clients`.
-fn service_unreachable(c: &Cluster, cluster_ip: Ipv4Addr, ports: &[Port], clients: &[Client], phase: &str) {
-    for (protocol, target, node_port) in addresses(c, cluster_ip, ports) {
-        for from in clients {
-            if node_port || !matches!(from, Client::External) {
-                fails(c, *from, protocol, target, phase);
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Same port, different protocols
 
@@ -462,14 +285,14 @@ fn services_should_serve_endpoints_on_same_port_and_different_protocols() {
         if phase != "TCP and UDP" {
             c.set(&objects(&c.tb, ports));
         }
-        service_reachable(&c, IP, ports, &["pod1"], &clients, phase);
+        service_reachable(&c.tb, IP, ports, &["pod1"], &clients, phase);
         for (_, port, _, _, protocol) in removed {
             let key = ServiceKey::new(IP, *port, if *protocol == "TCP" { proto::TCP } else { proto::UDP });
             for node in 0..2 {
                 assert!(programmed(&c.tb, node, key).is_none(), "{phase}: {protocol} still programmed");
             }
         }
-        service_unreachable(&c, IP, removed, &clients, phase);
+        service_unreachable(&c.tb, IP, removed, &clients, phase);
     }
 }
 
@@ -497,10 +320,10 @@ fn services_should_be_able_to_update_service_type_to_node_port_listening_on_same
         objects(tb, "ClusterIP", &cluster_ip)
     });
     let clients = [Client::Pod("execpod"), Client::PodTc("execpod"), Client::Node(0), Client::External];
-    service_reachable(&c, IP, &cluster_ip, &pods, &clients, "ClusterIP 80/TCP");
+    service_reachable(&c.tb, IP, &cluster_ip, &pods, &clients, "ClusterIP 80/TCP");
     for (phase, ports) in [("NodePort 80/TCP", &node_port[..]), ("NodePort 80/TCP and 80/UDP", &both[..])] {
         c.set(&objects(&c.tb, "NodePort", ports));
-        service_reachable(&c, IP, ports, &pods, &clients, phase);
+        service_reachable(&c.tb, IP, ports, &pods, &clients, phase);
     }
 }
 
@@ -527,13 +350,13 @@ fn services_should_work_after_the_service_has_been_recreated() {
         let mut c =
             Cluster::up(&[("web-0", 0), ("web-1", 1), ("execpod", 0)], source, |tb| service(IP) + &slice(tb));
         let up = |c: &Cluster, ip, phase: &str| {
-            service_reachable(c, ip, &PORTS, &pods, &clients, &format!("{source:?}: {phase}"))
+            service_reachable(&c.tb, ip, &PORTS, &pods, &clients, &format!("{source:?}: {phase}"))
         };
         // Nothing of the Service, or (once recreated elsewhere) nothing at `ip`.
         let down = |c: &Cluster, name: Option<&str>, ip, phase: &str| {
             let phase = format!("{source:?}: {phase}");
             nothing_programmed(c, name, ip, None, &phase);
-            service_unreachable(c, ip, &PORTS, &clients, &phase);
+            service_unreachable(&c.tb, ip, &PORTS, &clients, &phase);
         };
         up(&c, IP, "created");
 
@@ -603,21 +426,21 @@ fn type_change(from: Type, to: Type) {
         match t {
             Type::ExternalName => {
                 nothing_programmed(c, Some(name), IP, Some(NODE_PORT), &phase);
-                service_unreachable(c, IP, &ports(Type::NodePort), &all, &phase);
+                service_unreachable(&c.tb, IP, &ports(Type::NodePort), &all, &phase);
             }
             Type::ClusterIP => {
-                service_reachable(c, IP, &ports(t), &pods, &all, &phase);
+                service_reachable(&c.tb, IP, &ports(t), &pods, &all, &phase);
                 for node in 0..2 {
                     let node_port = SocketAddrV4::new(c.node_ip(node), NODE_PORT);
                     let key = ServiceKey::new(*node_port.ip(), NODE_PORT, proto::TCP);
                     assert!(programmed(&c.tb, node, key).is_none(), "{phase}: {node_port} programmed");
-                    fails(c, Client::External, Proto::Tcp, node_port, &phase);
+                    fails(&c.tb, Client::External, Proto::Tcp, node_port, &phase);
                 }
             }
-            Type::NodePort => service_reachable(c, IP, &ports(t), &pods, &all, &phase),
+            Type::NodePort => service_reachable(&c.tb, IP, &ports(t), &pods, &all, &phase),
         }
         service_reachable(
-            c,
+            &c.tb,
             TARGET_IP,
             &TARGET_PORTS,
             &["web-2"],
@@ -692,12 +515,12 @@ fn label_takes_services_from_the_proxy(label: &str, disabled: &str, toggled: &st
         let mut c =
             Cluster::up(&[("web-0", 0), ("web-1", 1), ("execpod", 0)], source, |tb| objects(tb, false));
         let up = |c: &Cluster, phase: &str| {
-            service_reachable(c, TOGGLED_IP, &PORTS, &pods, &clients, &format!("{source:?}: {phase}"))
+            service_reachable(&c.tb, TOGGLED_IP, &PORTS, &pods, &clients, &format!("{source:?}: {phase}"))
         };
         let down = |c: &Cluster, name: &str, ip, phase: &str| {
             let phase = format!("{source:?}: {phase}: {name}");
             nothing_programmed(c, Some(name), ip, None, &phase);
-            service_unreachable(c, ip, &PORTS, &clients, &phase);
+            service_unreachable(&c.tb, ip, &PORTS, &clients, &phase);
         };
         up(&c, "created");
         down(&c, disabled, DISABLED_IP, "created with the label");
@@ -826,9 +649,9 @@ fn terminating_fallback(policy: Policy) {
         for (from, target, ok) in &expected {
             let phase = format!("{policy:?}, {SERVER} {phase}");
             if *ok {
-                reaches(&c, *from, Proto::Tcp, *target, &[SERVER], &phase);
+                reaches(&c.tb, *from, Proto::Tcp, *target, &[SERVER], &phase);
             } else {
-                fails(&c, *from, Proto::Tcp, *target, &phase);
+                fails(&c.tb, *from, Proto::Tcp, *target, &phase);
             }
         }
     }
