@@ -4,7 +4,8 @@
 //! BPF_PROG_TEST_RUN with the fixture cluster (`harness`), the kiada scenario shared by
 //! the demo and the tests (`scenario`), requests from any of the cluster's namespaces
 //! (`traffic`), a small Kubernetes API server for the agent to follow (`apiserver`), the
-//! integration tests' shared checks (`checks`), Services on a testbed (`services`) and the sockets of pods' processes (`sockets`).
+//! integration tests' shared checks (`checks`), Services on a testbed (`services`), the sockets
+//! of pods' processes (`sockets`) and what the Kubernetes e2e tests share (`e2e`).
 //!
 //! Everything but `apiserver` needs root; all addresses come from 198.18.0.0/15 and nothing
 //! is created in the root network namespace.
